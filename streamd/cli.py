@@ -1,0 +1,195 @@
+"""The `streamd` command line: parse, build Settings, call one function. No logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from streamd.config import Settings, load_settings
+from streamd.errors import EXIT_USAGE, StreamdError
+from streamd.log import configure_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """What the group's options hand to each command: settings are resolved lazily, once."""
+
+    def __init__(self, config_file: str | None, overrides: dict[str, str]) -> None:
+        self.config_file = config_file
+        self.overrides = overrides
+
+    def settings(self, **flags: Any) -> tuple[Settings, dict[str, str]]:
+        return load_settings(config_file=self.config_file, flags=flags, set_values=self.overrides)
+
+
+def _parse_set(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--set")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    "config_file",
+    metavar="FILE",
+    envvar="STREAMD_CONFIG",
+    help="Config file (TOML). Default: ./conf/streamd.toml, then "
+    "/etc/streamd/streamd.toml, if present.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="Override any config key, e.g. --set batch_size=1000 (repeatable).",
+)
+@click.version_option(package_name="streamd")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """streamd: move events from Redis Streams into PostgreSQL, exactly once.
+
+    Settings come from flags, then STREAMD_* environment variables, then the config file, then
+    defaults. `streamd config` shows the result and where each value came from.
+    """
+    ctx.obj = Context(config_file, _parse_set(overrides))
+
+
+def _run(func: Callable[[], Any]) -> Any:
+    """Run a command body; user-facing errors become one line and their exit code."""
+    try:
+        return func()
+    except StreamdError as exc:
+        click.echo(f"streamd: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def _configured(ctx: click.Context, **flags: Any) -> Settings:
+    settings: Settings = ctx.obj.settings(**flags)[0]
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def _procs(value: str | None) -> str | None:
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter("must be 'auto' or a number >= 1", param_hint="--procs")
+    return value
+
+
+@cli.command()
+@click.option(
+    "--procs",
+    metavar="auto|N",
+    callback=lambda _c, _p, v: _procs(v),
+    help="Worker processes (default: auto, one per CPU core). Env STREAMD_PROCS.",
+)
+@click.option(
+    "--tasks",
+    type=click.IntRange(1, 256),
+    metavar="N",
+    help="Consumer tasks per process (default 5). Env STREAMD_TASKS.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Events per batch (default 500). Env STREAMD_BATCH_SIZE.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Port for /metrics, /healthz, /readyz on metrics_host; 0 disables.",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    procs: str | None,
+    tasks: int | None,
+    batch_size: int | None,
+    metrics_port: int | None,
+) -> None:
+    """Run the pipeline until SIGTERM/SIGINT (then flush, acknowledge and exit 0).
+
+    Creates the schema and the consumer group if missing. SIGHUP reloads the config.
+    """
+    from streamd.serve import serve as run_serve
+
+    flags = {"procs": procs, "tasks": tasks, "batch_size": batch_size, "metrics_port": metrics_port}
+
+    def reload() -> Settings:
+        """Settings read afresh (SIGHUP), with the same file, flags and --set values."""
+        settings: Settings = ctx.obj.settings(**flags)[0]
+        return settings
+
+    def body() -> None:
+        settings = _configured(ctx, **flags)
+        sys.exit(run_serve(settings, reload=reload))
+
+    _run(body)
+
+
+# --- db ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("init")
+@click.pass_context
+def db_init(ctx: click.Context) -> None:
+    """Create or upgrade the events and dead-letter tables (idempotent)."""
+    from streamd.preflight import check_postgres
+
+    def body() -> None:
+        settings = _configured(ctx)
+        asyncio.run(check_postgres(settings))
+        click.echo(f"schema ready: tables {settings.events_table}, {settings.dlq_table}")
+
+    _run(body)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--sources/--no-sources", default=True, help="Show where each value came from.")
+@click.pass_context
+def config_cmd(ctx: click.Context, as_json: bool, sources: bool) -> None:
+    """Print the effective config (passwords masked)."""
+    from streamd.config_view import render_config
+
+    def body() -> None:
+        settings, where = ctx.obj.settings()
+        click.echo(render_config(settings, where, as_json=as_json, with_sources=sources))
+
+    _run(body)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+__all__ = ["EXIT_USAGE", "cli", "main"]

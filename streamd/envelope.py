@@ -1,0 +1,141 @@
+"""The envelope contract: which stream entries become rows and which are dead letters.
+
+An entry carries `type` (required, non-empty, at most 128 bytes), `data` (required, JSON text) and
+`ts` (optional, integer epoch milliseconds). Extra fields are allowed. This module does the checks
+that are cheap in Python (presence, sizes, `ts`); JSON syntax and text encoding are checked by
+Postgres itself while it parses the COPY stream, and rows it refuses are isolated by the sink.
+Everything here works on raw bytes, per batch, with no decoding on the fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+
+MAX_TYPE_BYTES = 128
+# Postgres timestamps count microseconds from 2000-01-01 UTC.
+PG_EPOCH_MS = 946_684_800_000
+MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: keeps produced_at a valid timestamptz
+
+
+class Row(NamedTuple):
+    """One entry ready for COPY: the raw bytes Postgres will receive."""
+
+    entry_id: bytes
+    event_type: bytes
+    payload: bytes
+    produced_us: int  # microseconds since 2000-01-01 UTC, the binary form of timestamptz
+    meta: bytes | None  # JSON object of extra fields, or None
+    fields: list[bytes]  # the raw entry, kept for the dead-letter record if Postgres refuses it
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An entry that cannot become a row, with a short reason code and the precise error."""
+
+    entry_id: bytes
+    fields: list[bytes]
+    reason: str
+    error: str
+    deliveries: int = 1
+
+    @property
+    def event_type(self) -> bytes | None:
+        pairs = self.fields
+        for i in range(0, len(pairs) - 1, 2):
+            if pairs[i] == b"type":
+                return pairs[i + 1]
+        return None
+
+
+# An entry as hiredis returns it from XREADGROUP / XAUTOCLAIM: [id, [field, value, ...]], an
+# untyped wire reply. A deleted entry that was still pending comes back with None for its fields.
+RawEntry = Any
+
+
+def split_entries(
+    entries: list[RawEntry], max_event_bytes: int, keep_extra_fields: bool = False
+) -> tuple[list[Row], list[Rejection]]:
+    """Turn raw entries into rows and rejections, in stream order."""
+    rows: list[Row] = []
+    rejects: list[Rejection] = []
+    for entry_id, fields in entries:
+        # Fast path: the exact layout every well-behaved producer (and streamd's own) writes.
+        if (
+            fields is not None
+            and len(fields) == 4
+            and fields[0] == b"type"
+            and fields[2] == b"data"
+            and 0 < len(fields[1]) <= MAX_TYPE_BYTES
+            and len(fields[3]) <= max_event_bytes
+        ):
+            rows.append(Row(entry_id, fields[1], fields[3], _id_us(entry_id), None, fields))
+            continue
+        parsed = _parse_slow(entry_id, fields, max_event_bytes, keep_extra_fields)
+        if isinstance(parsed, Rejection):
+            rejects.append(parsed)
+        else:
+            rows.append(parsed)
+    return rows, rejects
+
+
+def _id_us(entry_id: bytes) -> int:
+    return (int(entry_id.partition(b"-")[0]) - PG_EPOCH_MS) * 1000
+
+
+def _parse_slow(
+    entry_id: bytes, fields: list[bytes] | None, max_event_bytes: int, keep_extra_fields: bool
+) -> Row | Rejection:
+    def reject(reason: str, error: str) -> Rejection:
+        return Rejection(entry_id, fields or [], reason, error)
+
+    if fields is None:
+        return reject("deleted", "entry was deleted from the stream before it was ingested")
+    values: dict[bytes, bytes] = {}
+    for i in range(0, len(fields) - 1, 2):
+        name = fields[i]
+        if name in values and name in (b"type", b"data", b"ts"):
+            return reject("duplicate_field", f"field {name.decode()!r} appears more than once")
+        values.setdefault(name, fields[i + 1])
+    event_type = values.get(b"type")
+    data = values.get(b"data")
+    if event_type is None:
+        return reject("missing_type", "entry has no 'type' field")
+    if not event_type:
+        return reject("empty_type", "'type' is empty")
+    if len(event_type) > MAX_TYPE_BYTES:
+        return reject(
+            "type_too_long", f"'type' is {len(event_type)} bytes; the limit is {MAX_TYPE_BYTES}"
+        )
+    if data is None:
+        return reject("missing_data", "entry has no 'data' field")
+    if len(data) > max_event_bytes:
+        return reject(
+            "oversize", f"'data' is {len(data)} bytes; max_event_bytes is {max_event_bytes}"
+        )
+    ts = values.get(b"ts")
+    produced_us = _id_us(entry_id) if ts is None else _ts_us(ts)
+    if produced_us is None:
+        shown = (ts or b"")[:40].decode("utf-8", "replace")
+        return reject("invalid_ts", f"'ts' must be integer epoch milliseconds, got {shown!r}")
+    meta = _extra_fields_json(values) if keep_extra_fields else None
+    return Row(entry_id, event_type, data, produced_us, meta, fields)
+
+
+def _extra_fields_json(values: dict[bytes, bytes]) -> bytes | None:
+    extra = {_text(k): _text(v) for k, v in values.items() if k not in (b"type", b"data", b"ts")}
+    return orjson.dumps(extra) if extra else None
+
+
+def _ts_us(ts: bytes) -> int | None:
+    """`ts` (epoch ms) as Postgres microseconds, or None if it is not a plausible epoch-ms."""
+    if not ts.isdigit() or len(ts) > 16 or int(ts) > MAX_TS_MS:
+        return None
+    return (int(ts) - PG_EPOCH_MS) * 1000
+
+
+def _text(raw: bytes) -> str:
+    """Bytes as JSONB-safe text: invalid UTF-8 is replaced, NUL (which jsonb refuses) dropped."""
+    return raw.decode("utf-8", "replace").replace("\x00", "")

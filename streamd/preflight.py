@@ -1,0 +1,114 @@
+"""Start-up checks: reach Redis and Postgres, apply the schema, create the consumer group.
+
+Failures become one clear line naming the target, with an exit code that says whether a restart
+can help: ServiceUnavailable (69) for an outage, BootError (78) for credentials, a missing
+database, TLS verification or privileges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from streamd.config import Settings
+from streamd.connections import describe_postgres, describe_redis, postgres_connect, redis_client
+from streamd.errors import BootError, ServiceUnavailable, StreamdError
+from streamd.retry import describe
+from streamd.schema import apply_schema
+from streamd.streams import ensure_group
+
+T = TypeVar("T")
+
+_PG_BOOT_ERRORS = (
+    asyncpg.InvalidAuthorizationSpecificationError,  # 28xxx: bad password, no such role
+    asyncpg.InvalidCatalogNameError,  # 3D000: no such database
+    asyncpg.InsufficientPrivilegeError,  # 42501
+    asyncpg.InvalidSchemaNameError,
+)
+
+
+def postgres_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:
+    target = f"Postgres at {describe_postgres(settings)}"
+    if isinstance(exc, _PG_BOOT_ERRORS | ssl.SSLError | ValueError):  # ValueError: a bad DSN
+        return BootError(f"{target}: cannot {doing}: {describe(exc)}")
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, asyncpg.CannotConnectNowError | asyncpg.TooManyConnectionsError
+    ):
+        return BootError(f"{target}: cannot {doing}: {describe(exc)}")
+    return ServiceUnavailable(f"{target}: cannot {doing}: {describe(exc)}")
+
+
+def redis_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:
+    target = f"Redis at {describe_redis(settings)}"
+    text = str(exc)
+    auth = isinstance(exc, redis.exceptions.AuthenticationError) or any(
+        marker in text for marker in ("NOAUTH", "WRONGPASS", "invalid password", "certificate")
+    )
+    if auth or isinstance(exc, ssl.SSLError | redis.exceptions.ResponseError):
+        return BootError(f"{target}: cannot {doing}: {describe(exc)}")
+    return ServiceUnavailable(f"{target}: cannot {doing}: {describe(exc)}")
+
+
+async def _with_startup_wait(settings: Settings, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Retry an outage (not a boot error) for up to startup_wait_s, for services still booting."""
+    deadline = time.monotonic() + settings.startup_wait_s
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()
+        except ServiceUnavailable:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def check_redis(settings: Settings, *, create_group: bool = True) -> None:
+    async def attempt() -> None:
+        client: aioredis.Redis = redis_client(settings)
+        try:
+            await client.ping()
+            if create_group:
+                await ensure_group(client, settings.stream, settings.group)
+        except (redis.exceptions.RedisError, OSError, ssl.SSLError) as exc:
+            raise redis_error(settings, exc) from None
+        finally:
+            await client.aclose()
+
+    await _with_startup_wait(settings, attempt)
+
+
+async def check_postgres(settings: Settings, *, init_schema: bool = True) -> None:
+    async def attempt() -> None:
+        try:
+            conn = await postgres_connect(settings)
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            OSError,
+            TimeoutError,
+            ValueError,
+        ) as exc:
+            raise postgres_error(settings, exc) from None
+        try:
+            if init_schema:
+                await apply_schema(conn, settings)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise postgres_error(settings, exc, "apply the schema") from None
+        finally:
+            await conn.close(timeout=5)
+
+    await _with_startup_wait(settings, attempt)
+
+
+async def preflight(settings: Settings) -> None:
+    """Everything `serve` needs before it consumes: both services, the schema, the group."""
+    await check_postgres(settings)
+    await check_redis(settings)
