@@ -123,6 +123,11 @@ class Settings:
         10, "Stop the service when children crash this often within crash_loop_window_s.", min=1
     )
     crash_loop_window_s: float = _opt(60.0, "Window for crash_loop_max.", min=0.1)
+    state_dir: str = _opt(
+        "",
+        "Where serve keeps its status files and metrics data; empty: $RUNTIME_DIRECTORY "
+        "(systemd) or /tmp/streamd-<uid>.",
+    )
     # --- observability ---
     metrics_host: str = _opt("127.0.0.1", "Address for /metrics, /healthz, /readyz (loopback).")
     metrics_port: int = _opt(
@@ -137,6 +142,12 @@ class Settings:
     @property
     def dead_stream(self) -> str:
         return self.dlq_stream or f"{self.stream}:dead"
+
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir)
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return Path(runtime) if runtime else Path(f"/tmp/streamd-{os.getuid()}")
 
     def resolved_procs(self) -> int:
         if self.procs == "auto":
