@@ -47,16 +47,17 @@ def render_config(
 def render_defaults() -> str:
     """conf/streamd.toml: every key at its default, with its meaning as a comment."""
     out = [
-        "# streamd configuration. Every key is shown at its default value.",
+        "# streamd configuration. Every key is listed, commented out, at its default value:",
+        "# uncomment a line to change it. Units are in the names (_ms, _s, _bytes).",
         "# Precedence: command-line flag > environment (STREAMD_<KEY>) > this file > default.",
         "# Secrets: prefer STREAMD_REDIS_PASSWORD_FILE / STREAMD_POSTGRES_PASSWORD_FILE (or the",
         "# redis_password_file / postgres_password_file keys) over passwords written here.",
         "",
     ]
     for f in dataclasses.fields(Settings):
-        out.append(f"# {f.metadata['doc']}")
-        out.append(f"# env: STREAMD_{f.name.upper()}")
+        out.append(f"## {f.metadata['doc']}")
+        out.append(f"## env: STREAMD_{f.name.upper()}")
         value = "" if f.name in SECRET_KEYS else f.default
-        out.append(f"{f.name} = {_toml_value(value)}")
+        out.append(f"# {f.name} = {_toml_value(value)}")
         out.append("")
     return "\n".join(out)

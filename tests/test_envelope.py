@@ -1,0 +1,100 @@
+"""The envelope contract on raw entries (pure logic: no services)."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamd.dlq import decode_fields, encode_fields
+from streamd.envelope import PG_EPOCH_MS, split_entries
+
+MAX = 1000
+
+
+def us(ms: int) -> int:
+    return (ms - PG_EPOCH_MS) * 1000
+
+
+def test_well_formed_entries_become_rows_in_order() -> None:
+    entries = [
+        [b"1700000000000-0", [b"type", b"user_created", b"data", b'{"user_id":1}']],
+        [b"1700000000001-5", [b"data", b"[1,2]", b"type", b"order_placed"]],
+        [b"1700000000002-0", [b"type", b"t", b"data", b"{}", b"ts", b"1600000000000"]],
+    ]
+    rows, rejects = split_entries(entries, MAX)
+    assert rejects == []
+    assert [(r.entry_id, r.event_type, r.payload) for r in rows] == [
+        (b"1700000000000-0", b"user_created", b'{"user_id":1}'),
+        (b"1700000000001-5", b"order_placed", b"[1,2]"),
+        (b"1700000000002-0", b"t", b"{}"),
+    ]
+    assert rows[0].produced_us == us(1700000000000)  # from the entry ID
+    assert rows[2].produced_us == us(1600000000000)  # from ts
+    assert all(r.meta is None for r in rows)
+
+
+def test_bad_entries_are_rejected_with_precise_reasons() -> None:
+    cases = {
+        b"1-1": ([b"data", b"{}"], "missing_type"),
+        b"1-2": ([b"type", b"", b"data", b"{}"], "empty_type"),
+        b"1-3": ([b"type", b"x" * 129, b"data", b"{}"], "type_too_long"),
+        b"1-4": ([b"type", b"t"], "missing_data"),
+        b"1-5": ([b"type", b"t", b"data", b"x" * (MAX + 1)], "oversize"),
+        b"1-6": ([b"type", b"t", b"data", b"{}", b"ts", b"soon"], "invalid_ts"),
+        b"1-7": ([b"type", b"t", b"data", b"{}", b"ts", b"-5"], "invalid_ts"),
+        b"1-8": ([b"type", b"t", b"data", b"{}", b"ts", b"9" * 17], "invalid_ts"),
+        b"1-9": ([b"type", b"a", b"type", b"b", b"data", b"{}"], "duplicate_field"),
+    }
+    entries = [[entry_id, fields] for entry_id, (fields, _) in cases.items()]
+    entries.append([b"1-10", None])
+    rows, rejects = split_entries(entries, MAX)
+    assert rows == []
+    got = {r.entry_id: r.reason for r in rejects}
+    assert got == {**{k: reason for k, (_, reason) in cases.items()}, b"1-10": "deleted"}
+    assert all(r.error for r in rejects)
+    oversize = next(r for r in rejects if r.reason == "oversize")
+    assert "1001 bytes" in oversize.error
+
+
+def test_type_of_exactly_128_bytes_and_data_of_exactly_the_limit_are_accepted() -> None:
+    rows, rejects = split_entries(
+        [
+            [b"1-1", [b"type", b"x" * 128, b"data", b"1" * MAX]],
+            [b"1-2", [b"type", b"y" * 128, b"data", b"1" * MAX, b"extra", b"v"]],
+        ],
+        MAX,
+    )
+    assert len(rows) == 2
+    assert rejects == []
+
+
+def test_extra_fields_go_to_meta_only_when_asked() -> None:
+    entry = [[b"1-1", [b"type", b"t", b"data", b"{}", b"source", b"web", b"bin", b"\xff\x00"]]]
+    rows, _ = split_entries(entry, MAX)
+    assert rows[0].meta is None
+    rows, _ = split_entries(entry, MAX, keep_extra_fields=True)
+    assert orjson.loads(rows[0].meta or b"") == {"source": "web", "bin": "\ufffd"}
+
+
+field_bytes = st.binary(max_size=40)
+
+
+@given(st.lists(st.tuples(field_bytes, field_bytes), max_size=8))
+def test_dead_letter_fields_round_trip_any_bytes(pairs: list[tuple[bytes, bytes]]) -> None:
+    flat = [b for pair in pairs for b in pair]
+    encoded = encode_fields(flat)
+    text = orjson.dumps(encoded)  # must be valid JSON without NUL, i.e. storable as JSONB
+    assert b"\\u0000" not in text
+    decoded = decode_fields(orjson.loads(text))
+    # Field order within a repeated name is kept; names group together.
+    assert sorted(zip(decoded[::2], decoded[1::2], strict=True)) == sorted(pairs)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from([b"type", b"data", b"ts", b"x"]), field_bytes), max_size=6)
+)
+def test_every_entry_is_either_a_row_or_a_rejection(pairs: list[tuple[bytes, bytes]]) -> None:
+    flat = [b for pair in pairs for b in pair]
+    rows, rejects = split_entries([[b"1700000000000-0", flat]], MAX)
+    assert len(rows) + len(rejects) == 1
