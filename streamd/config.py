@@ -128,6 +128,15 @@ class Settings:
         "Where serve keeps its status files and metrics data; empty: $RUNTIME_DIRECTORY "
         "(systemd) or /tmp/streamd-<uid>.",
     )
+    # --- producing (streamd produce, streamd bench) ---
+    max_backlog: int = _opt(
+        1_000_000,
+        "Producers wait while the group's backlog (lag, else stream length) exceeds this; 0: never.",
+        min=0,
+    )
+    backlog_timeout_s: float = _opt(
+        30.0, "How long a producer waits for the backlog to fall before it fails.", min=0
+    )
     # --- observability ---
     metrics_host: str = _opt("127.0.0.1", "Address for /metrics, /healthz, /readyz (loopback).")
     metrics_port: int = _opt(
