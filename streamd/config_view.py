@@ -61,3 +61,13 @@ def render_defaults() -> str:
         out.append(f"# {f.name} = {_toml_value(value)}")
         out.append("")
     return "\n".join(out)
+
+
+def render_reference() -> str:
+    """The README's config reference: a Markdown table of every key."""
+    lines = ["| key (env `STREAMD_<KEY>`) | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = _toml_value(f.default)
+        doc = f.metadata["doc"].replace("|", "\\|")
+        lines.append(f"| `{f.name}` | `{default}` | {doc} |")
+    return "\n".join(lines)
