@@ -1,19 +1,23 @@
-"""`streamd serve`: log the effective settings, then run the pipeline until told to stop."""
+"""`streamd serve`: log the effective settings, then supervise the worker processes until told to
+stop. Even `--procs 1` runs under the supervisor (one child), so behaviour is the same at any size.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from streamd.config import Settings
-from streamd.errors import EXIT_OK
 from streamd.log import get_logger
-from streamd.worker import run_worker
+from streamd.supervisor import Supervisor
 
 
 def serve(settings: Settings, *, reload: Callable[[], Settings] | None = None) -> int:
-    """Run until stopped; `reload` re-reads the config (used on SIGHUP)."""
+    """Run until stopped and return the exit code; `reload` re-reads the config (on SIGHUP).
+
+    A failure that stops the service (boot error, crash loop) is raised as a StreamdError.
+    """
     log = get_logger()
     log.info("streamd_starting", **settings.masked())
-    run_worker(settings)
-    log.info("streamd_stopped")
-    return EXIT_OK
+    code = Supervisor(settings, reload=reload).run()
+    log.info("streamd_stopped", code=code)
+    return code

@@ -70,7 +70,10 @@ class Worker:
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            loop.add_signal_handler(signum, self._on_signal, signum)
+            # An ignored signal stays ignored (as with nohup): under the supervisor, which owns
+            # Ctrl-C, a child must not also act on the SIGINT sent to the whole process group.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                loop.add_signal_handler(signum, self._on_signal, signum)
 
     # --- run -------------------------------------------------------------------------------
 
@@ -79,7 +82,13 @@ class Worker:
         self._install_signals(loop)
         s = self.settings
         bind_context(proc=self.index, pid=os.getpid())
-        await preflight(s)
+        # Heartbeats start before preflight, so a slow start is not mistaken for a hung loop.
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        try:
+            await preflight(s)
+        except BaseException:
+            heartbeat.cancel()
+            raise
         pool = await postgres_pool(s, size=s.tasks + 1)
         control = redis_client(s, max_connections=s.tasks + 8)
         readers: list[aioredis.Redis] = []
@@ -100,7 +109,6 @@ class Worker:
                 tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
             tasks.extend(make(self) for make in self.hooks.extra_tasks)
-            heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
             self.log.info(
                 "worker_started",
                 tasks=s.tasks,
@@ -112,8 +120,8 @@ class Worker:
                 self.hooks.on_ready()
             await self._until_stopped(tasks)
             await self._drain(tasks, control)
-            heartbeat.cancel()
         finally:
+            heartbeat.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -174,10 +182,11 @@ class Worker:
                     await control.client_unblock(consumer.client_id)
 
     async def _heartbeat(self) -> None:
+        interval = min(HEARTBEAT_INTERVAL_S, self.settings.heartbeat_timeout_s / 4)
         while True:
             if self.hooks.heartbeat is not None:
                 self.hooks.heartbeat()
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(interval)
 
 
 async def _close_pool(pool: object) -> None:

@@ -1,0 +1,55 @@
+"""The supervisor's status file, `<state_dir>/serve-<pid>.json`, read by `monitor` and `/readyz`.
+
+It is replaced atomically (write a temp file, then rename), so a reader never sees half of it:
+  {"pid", "started_at", "stream", "group", "procs", "ready", "state", "restarts",
+   "children": [{"index", "pid", "started_at", "ready", "last_heartbeat"}], "updated_at"}
+Times are epoch seconds. A file whose pid is no longer alive is left over from a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def status_path(state_dir: Path, supervisor_pid: int) -> Path:
+    return state_dir / f"serve-{supervisor_pid}.json"
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(status, separators=(",", ":")), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def remove_status(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # kill(0) would signal our own process group
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, but belongs to someone else
+    return True
+
+
+def read_status_files(state_dir: Path) -> list[dict[str, Any]]:
+    """The status of every running supervisor that uses state_dir (files of dead ones skipped)."""
+    out: list[dict[str, Any]] = []
+    for path in sorted(state_dir.glob("serve-*.json")):
+        try:
+            status = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # removed while we looked, or not ours
+        if isinstance(status, dict) and _alive(int(status.get("pid", 0))):
+            out.append(status)
+    return out
