@@ -184,7 +184,7 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in (None, "Z", "X")
 
 
-def _children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """All descendants of pid (PostgreSQL backends are their own process groups: killpg is not
     enough)."""
     parents: dict[int, list[int]] = {}
@@ -225,7 +225,7 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _wait_gone(pids: list[int], timeout_s: float, *, reaped: bool = False) -> bool:
+def wait_gone(pids: list[int], timeout_s: float, *, reaped: bool = False) -> bool:
     """Wait until the processes have exited (or, with reaped=True, until their parent has also
     collected them: zombies count as gone only without it)."""
 
@@ -386,9 +386,9 @@ class _Server:
         """Graceful shutdown; waits for the process to exit (SIGKILL after timeout_s)."""
         pid = self.pid
         if pid is not None:
-            _signal([pid, *_children(pid)], signal.SIGCONT)  # a paused server cannot shut down
+            _signal([pid, *descendants(pid)], signal.SIGCONT)  # a paused server cannot shut down
             _signal([pid], self.stop_signal)
-            if not _wait_gone([pid], timeout_s):
+            if not wait_gone([pid], timeout_s):
                 self.kill()
         self._reap()
 
@@ -401,11 +401,11 @@ class _Server:
         pid = self.pid
         if pid is not None:
             _signal([pid], signal.SIGCONT)  # a paused server cannot reap
-            kids = _children(pid)
+            kids = descendants(pid)
             _signal(kids, signal.SIGKILL)
-            _wait_gone(kids, 5.0, reaped=True)
+            wait_gone(kids, 5.0, reaped=True)
             _signal([pid], signal.SIGKILL)
-            _wait_gone([pid], STOP_TIMEOUT_S)
+            wait_gone([pid], STOP_TIMEOUT_S)
         self._reap()
 
     def restart(self) -> Self:
@@ -415,14 +415,14 @@ class _Server:
     def pause(self) -> None:
         """SIGSTOP the server and its children: connections hang, nothing is refused."""
         pid = self._require_pid("pause")
-        _signal([pid, *_children(pid)], signal.SIGSTOP)
+        _signal([pid, *descendants(pid)], signal.SIGSTOP)
         deadline = time.monotonic() + 5.0  # signals arrive asynchronously: wait for the stop
         while _state(pid) not in ("T", None) and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def resume(self) -> None:
         pid = self._require_pid("resume")
-        _signal([pid, *_children(pid)], signal.SIGCONT)
+        _signal([pid, *descendants(pid)], signal.SIGCONT)
 
     def _require_pid(self, doing: str) -> int:
         pid = self.pid
@@ -610,12 +610,12 @@ class PostgresServer(_Server):
 # PostgreSQL specifics
 
 
-def postgres_ping(port: int, host: str = "127.0.0.1") -> bool:
+def postgres_ping(port: int, host: str = "127.0.0.1", timeout_s: float = 2.0) -> bool:
     """True once the server accepts a session (as pg_isready does): a startup packet answered by
     authentication and ReadyForQuery, not by 'the database system is starting up'."""
     body = b"user\0postgres\0database\0postgres\0\0"
     try:
-        with socket.create_connection((host, port), timeout=2.0) as sock:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
             reader = sock.makefile("rb")
             while True:
@@ -747,6 +747,7 @@ def dev_up(
     """
     root = root.absolute()
     redis, postgres = _dev_servers(root, redis_port, postgres_port)
+    redis.binary, postgres.bindir = redis_server_binary(), postgres_bindir()  # both, or neither
     for server, flag in ((redis, "--redis-port"), (postgres, "--postgres-port")):
         _dev_start(server, flag)
     _write_state(root, {"redis_port": redis.port, "postgres_port": postgres.port})
