@@ -131,7 +131,7 @@ class Settings:
     # --- producing (streamd produce, streamd bench) ---
     max_backlog: int = _opt(
         1_000_000,
-        "Producers wait while the group's backlog (lag, else stream length) exceeds this; 0: never.",
+        "Producers wait while the group's backlog (lag, else stream length) is above this; 0: off.",
         min=0,
     )
     backlog_timeout_s: float = _opt(
