@@ -84,7 +84,9 @@ class BatchWriter:
                 written = await self.sink.write(conn, rows, rejects)
                 return written, time.perf_counter() - t0
 
-        lease = asyncio.create_task(self._keep_leases(stream, entries), name="lease-renewal")
+        # Dead letters handed in (the reaper's poison) are held by this consumer too.
+        held = [entry[0] for entry in entries] + [r.entry_id for r in extra_dead or []]
+        lease = asyncio.create_task(self._keep_leases(stream, held), name="lease-renewal")
         try:
             result, write_s = await retry_transient(write, backoff=backoff, log=log, what="write")
             committed_at = time.time()
@@ -111,12 +113,11 @@ class BatchWriter:
             self.observer(report)
         return report
 
-    async def _keep_leases(self, stream: GroupStream, entries: list[RawEntry]) -> None:
+    async def _keep_leases(self, stream: GroupStream, ids: list[bytes]) -> None:
         """While a flush is slow (Postgres down, a huge batch), keep its entries' idle time below
         claim_min_idle_ms so no reaper takes over a batch that is still being worked on."""
         interval = self.settings.claim_min_idle_ms / 1000 / 3
-        ids = [entry[0] for entry in entries]
-        while True:
+        while ids:
             await asyncio.sleep(interval)
             with contextlib.suppress(*TRANSIENT_ERRORS):  # the flush's retries report outages
                 await stream.renew(ids)

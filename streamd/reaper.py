@@ -144,17 +144,16 @@ class Reaper:
     async def _delivery_counts(self, entries: list[RawEntry]) -> dict[bytes, int]:
         """Delivery counters (XPENDING) of entries this reaper just claimed."""
         first, last = entries[0][0], entries[-1][0]
-        rows = await command(
-            self.client,
-            "XPENDING",
+        # xpending_range, not a raw XPENDING: redis-py would parse that reply as the summary form.
+        rows = await self.client.xpending_range(
             self.settings.stream,
             self.settings.group,
-            first,
-            last,
-            len(entries),
-            self.stream.consumer,
+            min=first,
+            max=last,
+            count=len(entries),
+            consumername=self.stream.consumer,
         )
-        return {row[0]: int(row[3]) for row in rows}
+        return {_raw_id(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     # --- consumers -------------------------------------------------------------------------
 
@@ -205,6 +204,10 @@ class Reaper:
             return None
         ms, seq = min(needed)
         return f"{ms}-{seq}"
+
+
+def _raw_id(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
