@@ -1,0 +1,349 @@
+#!/usr/bin/env bash
+# streamd's one entry point for people and CI: ./run.sh help
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+STATE_DIR=.streamd
+DEV_ENV=$STATE_DIR/dev/env
+SERVE_PID=$STATE_DIR/serve.pid
+SERVE_LOG=$STATE_DIR/serve.log
+VENV=${UV_PROJECT_ENVIRONMENT:-.venv}
+DEMO_EVENTS=5000
+
+usage() {
+    cat <<'EOF'
+Usage: ./run.sh VERB [ARGS]
+
+  demo [--keep]        try it: private Redis + Postgres (unless configured), serve, 5000 sample
+                       events, counts per type; --keep leaves serve running (./run.sh stop)
+  test [PYTEST ARGS]   the whole suite (pytest -n auto), then ruff and mypy; installs the
+                       redis-server and postgresql packages first if missing and run as root
+  start [-d] [ARGS]    streamd serve ARGS (-d: in the background, log in .streamd/serve.log)
+  stop                 stop a serve started by start -d or demo --keep (SIGTERM, waits)
+  produce N [ARGS]     streamd produce N: sample events of the five seed types
+  monitor [S] [ARGS]   streamd monitor --interval S (default 5)
+  benchmark R D [ARGS] streamd bench --rate R --duration D
+  dev up|down|status   private Redis and Postgres under .streamd/dev (streamd dev ...)
+  clean                stop serve and the dev servers, delete .streamd/
+  help                 this text
+
+Settings come from STREAMD_* variables, or the seed's names (REDIS_HOST, POSTGRES_*, ...) in
+./.env, which is read when present. With neither set, start/produce/monitor/benchmark use the dev
+servers once `./run.sh dev up` has run.
+EOF
+}
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() {
+    printf 'run.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- environment ------------------------------------------------------------------------------
+
+ensure_uv() {
+    export PATH="$HOME/.local/bin:$PATH"
+    command -v uv >/dev/null 2>&1 && return
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
+            die "uv is missing and so is pip: install python3-pip, or uv (https://docs.astral.sh/uv/)"
+        fi
+        say "installing python3-pip (to install uv)"
+        apt_install python3-pip
+    fi
+    say "installing uv with pip"
+    # Debian's Python is "externally managed": a --user install then needs the override.
+    python3 -m pip install --user --quiet uv 2>/dev/null ||
+        python3 -m pip install --user --quiet --break-system-packages uv ||
+        die "could not install uv with pip"
+    command -v uv >/dev/null 2>&1 || die "uv was installed but is not on PATH (~/.local/bin)"
+}
+
+ensure_project() {
+    ensure_uv
+    uv sync --frozen --quiet || die "uv sync --frozen failed (is uv.lock up to date?)"
+    if [[ -f .env ]]; then
+        set -a
+        # shellcheck disable=SC1091
+        . ./.env
+        set +a
+    fi
+}
+
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq || die "apt-get update failed"
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null || die "apt-get install $* failed"
+}
+
+have_pg_binaries() {
+    [[ -n ${STREAMD_PG_BIN:-} ]] && return 0
+    command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1 && return 0
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+
+# Tests and the dev servers run their own redis-server and postgres: install them if missing.
+ensure_server_binaries() {
+    local have_redis=1
+    [[ -n ${STREAMD_REDIS_SERVER:-} ]] || command -v redis-server >/dev/null 2>&1 || have_redis=0
+    if [[ $have_redis -eq 1 ]] && have_pg_binaries; then
+        return
+    fi
+    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        die "redis-server and PostgreSQL are needed: sudo apt-get install redis-server postgresql"
+    fi
+    say "installing redis-server and postgresql (apt-get)"
+    apt_install redis-server postgresql
+}
+
+streamd() { "$VENV/bin/streamd" "$@"; }
+
+configured() {
+    [[ -n ${STREAMD_REDIS_URL:-}${STREAMD_POSTGRES_DSN:-}${REDIS_HOST:-}${POSTGRES_HOST:-} ]]
+}
+
+# With nothing configured, use the dev servers if `dev up` has run.
+use_dev_servers_if_unconfigured() {
+    if ! configured && [[ -f $DEV_ENV ]]; then
+        # shellcheck disable=SC1090
+        . "$DEV_ENV"
+    fi
+}
+
+# --- serve in the background ------------------------------------------------------------------
+
+serve_pid() {
+    local pid
+    [[ -f $SERVE_PID ]] || return 1
+    pid=$(<"$SERVE_PID")
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+start_background() {
+    local pid
+    if pid=$(serve_pid); then
+        say "streamd serve already running (pid $pid)"
+        return
+    fi
+    mkdir -p "$STATE_DIR"
+    : >"$SERVE_LOG"
+    nohup "$VENV/bin/streamd" serve "$@" >>"$SERVE_LOG" 2>&1 </dev/null &
+    echo $! >"$SERVE_PID"
+    say "streamd serve started (pid $!), log in $SERVE_LOG"
+}
+
+wait_serve_ready() {
+    local pid deadline=$((SECONDS + 60))
+    until grep -q '"worker_started"' "$SERVE_LOG" 2>/dev/null; do
+        if ! pid=$(serve_pid); then
+            tail -n 20 "$SERVE_LOG" >&2 || true
+            die "streamd serve exited (log above, in $SERVE_LOG)"
+        fi
+        ((SECONDS < deadline)) || die "streamd serve not ready after 60 s; see $SERVE_LOG"
+        sleep 0.2
+    done
+}
+
+stop_serve() {
+    local pid deadline=$((SECONDS + 60))
+    if ! pid=$(serve_pid); then
+        rm -f "$SERVE_PID"
+        say "no streamd serve running (from $SERVE_PID)"
+        return
+    fi
+    say "stopping streamd serve (pid $pid)"
+    kill -TERM "$pid"
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            say "still running after 60 s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        sleep 0.2
+    done
+    rm -f "$SERVE_PID"
+}
+
+# --- verbs ------------------------------------------------------------------------------------
+
+cmd_test() {
+    ensure_server_binaries
+    ensure_project
+    local rc=0
+    uv run --frozen --no-sync pytest -n auto "$@" || rc=$?
+    say "ruff check"
+    uv run --frozen --no-sync ruff check . || rc=$((rc ? rc : 1))
+    say "mypy"
+    uv run --frozen --no-sync mypy || rc=$((rc ? rc : 1))
+    return "$rc" # pytest's own code when tests failed; 1 when only lint or types did
+}
+
+cmd_demo() {
+    local keep=0
+    [[ ${1:-} == --keep ]] && keep=1
+    ensure_project
+    if ! configured; then
+        ensure_server_binaries
+        say "no Redis/Postgres configured: starting private ones (streamd dev up)"
+        streamd dev up >/dev/null
+        # shellcheck disable=SC1090
+        . "$DEV_ENV"
+    fi
+    streamd db init
+    local before
+    before=$(demo_py count)
+    start_background
+    wait_serve_ready
+    if streamd produce --help >/dev/null 2>&1; then
+        streamd produce "$DEMO_EVENTS"
+    else
+        demo_py produce "$DEMO_EVENTS"
+    fi
+    say "waiting for $DEMO_EVENTS events to reach Postgres"
+    demo_py wait $((before + DEMO_EVENTS)) 60
+    if streamd monitor --help >/dev/null 2>&1; then
+        streamd monitor --once
+    else
+        demo_py by-type
+    fi
+    if [[ $keep -eq 1 ]]; then
+        say "serve keeps running (pid $(serve_pid)); stop it with: ./run.sh stop"
+    else
+        stop_serve
+    fi
+}
+
+# The demo's look at Redis and Postgres, through streamd's own settings (env, .env, config file).
+demo_py() {
+    "$VENV/bin/python" - "$@" <<'PY'
+import asyncio, random, sys, time
+
+from streamd.config import load_settings
+from streamd.connections import postgres_connect, redis_client
+
+TYPES = ["user_created", "order_placed", "payment_processed", "product_viewed", "order_shipped"]
+s = load_settings()[0]
+
+
+async def count():
+    conn = await postgres_connect(s)
+    try:
+        return await conn.fetchval(f"SELECT count(*) FROM {s.events_table}")
+    finally:
+        await conn.close()
+
+
+async def pending():
+    r = redis_client(s)
+    try:
+        return (await r.xpending(s.stream, s.group))["pending"]
+    finally:
+        await r.aclose()
+
+
+async def produce(n):
+    r = redis_client(s)
+    try:
+        for start in range(0, n, 1000):
+            pipe = r.pipeline(transaction=False)
+            for i in range(start, min(n, start + 1000)):
+                data = '{"id": %d, "amount": %.2f}' % (i, random.uniform(1, 500))
+                pipe.xadd(s.stream, {"type": TYPES[i % 5], "data": data})
+            await pipe.execute()
+    finally:
+        await r.aclose()
+    print(f"produced {n} events to stream {s.stream!r}")
+
+
+async def wait(target, timeout):
+    deadline = time.monotonic() + timeout
+    while (n := await count()) < target or await pending():
+        if time.monotonic() > deadline:
+            sys.exit(f"run.sh: error: {n} of {target} events in Postgres after {timeout} s")
+        await asyncio.sleep(0.2)
+    print(f"{n} events in Postgres, none pending")
+
+
+async def by_type():
+    conn = await postgres_connect(s)
+    try:
+        rows = await conn.fetch(
+            f"SELECT event_type, count(*) AS n FROM {s.events_table} GROUP BY 1 ORDER BY 2 DESC"
+        )
+    finally:
+        await conn.close()
+    print("Events by type:")
+    for row in rows:
+        print(f"  {row['event_type']}: {row['n']}")
+
+
+verb, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
+jobs = {"count": lambda: count(), "produce": lambda: produce(*args),
+        "wait": lambda: wait(*args), "by-type": lambda: by_type()}
+result = asyncio.run(jobs[verb]())
+if verb == "count":
+    print(result)
+PY
+}
+
+cmd_start() {
+    ensure_project
+    use_dev_servers_if_unconfigured
+    if [[ ${1:-} == -d || ${1:-} == --background ]]; then
+        shift
+        start_background "$@"
+        wait_serve_ready
+        return
+    fi
+    mkdir -p "$STATE_DIR"
+    echo $$ >"$SERVE_PID" # exec keeps the pid: ./run.sh stop finds this serve too
+    exec "$VENV/bin/streamd" serve "$@"
+}
+
+cmd_clean() {
+    ensure_project
+    stop_serve
+    if [[ -d $STATE_DIR/dev ]]; then
+        streamd dev down
+    fi
+    rm -rf "$STATE_DIR"
+    say "removed $STATE_DIR/"
+}
+
+main() {
+    local verb=${1:-help}
+    [[ $# -gt 0 ]] && shift
+    case $verb in
+    help | -h | --help) usage ;;
+    test) cmd_test "$@" ;;
+    demo) cmd_demo "$@" ;;
+    start) cmd_start "$@" ;;
+    stop) ensure_project && stop_serve ;;
+    clean) cmd_clean ;;
+    produce)
+        [[ $# -ge 1 ]] || die "usage: ./run.sh produce N"
+        ensure_project && use_dev_servers_if_unconfigured && streamd produce "$@"
+        ;;
+    monitor)
+        local interval=${1:-5}
+        [[ $# -gt 0 ]] && shift
+        ensure_project && use_dev_servers_if_unconfigured
+        streamd monitor --interval "$interval" "$@"
+        ;;
+    benchmark)
+        [[ $# -ge 2 ]] || die "usage: ./run.sh benchmark RATE DURATION"
+        ensure_project && use_dev_servers_if_unconfigured
+        streamd bench --rate "$1" --duration "$2" "${@:3}"
+        ;;
+    dev)
+        [[ $# -ge 1 ]] || die "usage: ./run.sh dev up|down|status"
+        [[ $1 == up ]] && ensure_server_binaries
+        ensure_project && streamd dev "$@"
+        ;;
+    *)
+        usage >&2
+        die "unknown verb: $verb"
+        ;;
+    esac
+}
+
+main "$@"
