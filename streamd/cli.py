@@ -259,6 +259,53 @@ def dev_status_cmd(root: str, as_json: bool) -> None:
     _run(body)
 
 
+# --- produce ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("count", type=click.IntRange(1), metavar="N")
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    metavar="R",
+    help="Events per second (default: as fast as possible).",
+)
+@click.option(
+    "--batch",
+    "batch_size",
+    type=click.IntRange(1, 100_000),
+    default=500,
+    show_default=True,
+    metavar="N",
+    help="Events per round trip, at most.",
+)
+@click.option(
+    "--type",
+    "event_type",
+    metavar="T",
+    help="Only this sample type (default: all five, mixed): user_created, order_placed, "
+    "payment_processed, product_viewed, order_shipped.",
+)
+@click.pass_context
+def produce(
+    ctx: click.Context, count: int, rate: float | None, batch_size: int, event_type: str | None
+) -> None:
+    """Produce N sample events to the stream (waits while the backlog is above max_backlog)."""
+    import uvloop
+
+    from streamd.samples import produce_samples
+
+    def body() -> None:
+        settings = _configured(ctx)
+        uvloop.run(
+            produce_samples(
+                settings, count, rate=rate, batch_size=batch_size, event_type=event_type
+            )
+        )
+
+    _run(body)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
