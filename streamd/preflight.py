@@ -36,7 +36,7 @@ _PG_BOOT_ERRORS = (
 
 def postgres_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:
     target = f"Postgres at {describe_postgres(settings)}"
-    if isinstance(exc, _PG_BOOT_ERRORS | ssl.SSLError | ValueError):  # ValueError: a bad DSN
+    if isinstance(exc, (*_PG_BOOT_ERRORS, ssl.SSLError, ValueError)):  # ValueError: a bad DSN
         return BootError(f"{target}: cannot {doing}: {describe(exc)}")
     if isinstance(exc, asyncpg.PostgresError) and not isinstance(
         exc, asyncpg.CannotConnectNowError | asyncpg.TooManyConnectionsError
