@@ -519,11 +519,21 @@ class RedisServer(_Server):
             return False
 
 
+# Test speed, still safe against process kills (not OS crashes). wal_init_zero off and big WAL
+# buffers make CREATE DATABASE several times faster.
+_NO_FSYNC = {
+    "fsync": "off",
+    "full_page_writes": "off",
+    "wal_init_zero": "off",
+    "wal_buffers": "16MB",
+}
+
+
 @dataclass(eq=False)
 class PostgresServer(_Server):
     """postgres with trust auth for superuser `postgres`, loopback only, its socket in its dir."""
 
-    fsync: bool = True  # False: fsync and full_page_writes off (safe against process kills)
+    fsync: bool = True  # False: for tests, see _NO_FSYNC
     template: Path | None = None  # an initdb'ed data dir to copy instead of running initdb
     settings: dict[str, str] = field(default_factory=dict)  # extra -c name=value
     bindir: Path | None = None
@@ -581,7 +591,7 @@ class PostgresServer(_Server):
             # After a crash, exit instead of reinitialising: kill() then leaves no orphans, and a
             # crashed test server stays down until the test restarts it.
             **({"restart_after_crash": "off"} if not self.detach else {}),
-            **({"fsync": "off", "full_page_writes": "off"} if not self.fsync else {}),
+            **(_NO_FSYNC if not self.fsync else {}),
             **(
                 {"shared_preload_libraries": "pg_stat_statements"}
                 if has_pg_stat_statements(self.bindir)

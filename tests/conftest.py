@@ -36,12 +36,25 @@ def _foreign(name: str) -> bool:
     return name.startswith(("STREAMD_", "POSTGRES_")) or name in _SEED_NAMES
 
 
+def _scratch_parent() -> str | None:
+    """tmpfs when it has room, so server data never waits for a disk (CREATE DATABASE: 10 ms
+    instead of 0.3 s on a busy one); a process kill still loses nothing. $TMPDIR, if set, wins."""
+    if os.environ.get("TMPDIR"):
+        return None
+    try:
+        shm = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    roomy = shm.f_bavail * shm.f_frsize >= 2 << 30  # Docker's default 64 MB /dev/shm is not
+    return "/dev/shm" if roomy and os.access("/dev/shm", os.W_OK) else None
+
+
 @pytest.fixture(scope="session")
 def server_root() -> Iterator[Path]:
     """This worker's directory for server data. Not pytest's basetemp: that one is 0700, and
     PostgreSQL runs as another user when the tests run as root."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    root = Path(tempfile.mkdtemp(prefix=f"streamd-test-{worker}-"))
+    root = Path(tempfile.mkdtemp(prefix=f"streamd-test-{worker}-", dir=_scratch_parent()))
     root.chmod(0o711)
     (root / "empty.toml").write_text("")
     yield root
@@ -124,7 +137,8 @@ def env(
     n = next(_ids)
     db_index = n % (_REDIS_DATABASES - 1) + 1
     database = f"test_{n}"
-    pg_execute(postgres_server.dsn, f'CREATE DATABASE "{database}"')
+    # FILE_COPY: ~40 ms with fsync off, several times faster than the default WAL_LOG here.
+    pg_execute(postgres_server.dsn, f'CREATE DATABASE "{database}" STRATEGY FILE_COPY')
     environ = {k: v for k, v in os.environ.items() if not _foreign(k)}
     environ |= {
         "STREAMD_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/{db_index}",
@@ -138,6 +152,7 @@ def env(
     if "state_dir" in field_names():
         environ["STREAMD_STATE_DIR"] = str(tmp_path / "state")
     yield environ
+    # FORCE: connections a test left open must not keep its database alive.
     pg_execute(postgres_server.dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     with redis.Redis.from_url(environ["STREAMD_REDIS_URL"]) as client:
         client.flushdb()

@@ -232,10 +232,11 @@ def _streamd(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[s
 
 
 @pytest.fixture
-def dev_dir() -> Iterator[Path]:
+def dev_dir(server_root: Path) -> Iterator[Path]:
     """A project directory whose dev servers are stopped at the end, whatever happens. Not
     under tmp_path: PostgreSQL (another user under root) could not reach into that."""
-    project = Path(tempfile.mkdtemp(prefix="streamd-devtest-"))
+    project = Path(tempfile.mkdtemp(prefix="dev-", dir=server_root))
+    project.chmod(0o755)
     try:
         yield project
     finally:
