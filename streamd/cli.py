@@ -306,6 +306,39 @@ def produce(
     _run(body)
 
 
+# --- monitor ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(0.1),
+    default=5.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds between refreshes.",
+)
+@click.option("--once", is_flag=True, help="Print one frame and exit (1 if a source failed).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per refresh.")
+@click.pass_context
+def monitor(ctx: click.Context, interval_s: float, once: bool, as_json: bool) -> None:
+    """The pipeline dashboard: stream, group lag, DLQ, Postgres totals, serve processes."""
+    from streamd.dashboard import run_monitor
+
+    def body() -> None:
+        settings = _configured(ctx)
+        try:
+            code = asyncio.run(
+                run_monitor(settings, interval_s=interval_s, once=once, as_json=as_json)
+            )
+        except KeyboardInterrupt:
+            code = 0  # Ctrl-C is how a dashboard is closed
+        sys.exit(code)
+
+    _run(body)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
