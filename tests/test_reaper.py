@@ -359,7 +359,6 @@ class _Quiet:
         return lambda *_a, **_k: None
 
 
-
 async def test_slow_poison_batch_is_not_taken_over_by_another_reaper(make_rig: Any) -> None:
     """A batch of nothing but poison still renews its claim while its DLQ write is slow."""
     rig: Rig = await make_rig(claim_min_idle_ms=300, max_deliveries=1)

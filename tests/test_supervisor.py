@@ -1,0 +1,490 @@
+"""The real `streamd serve` as a subprocess, with real signals, against real Redis and Postgres.
+
+Every test ends on what a user cares about: each produced event exactly once in Postgres
+(count(*) == count(distinct entry_id) == produced) and nothing left pending in Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamd.devservers import wait_gone
+from streamd.status_file import read_status_files
+from tests.helpers import (
+    ServeProcess,
+    count_rows,
+    event,
+    pending_count,
+    pg_fetch,
+    pg_fetchval,
+    redis_client,
+    wait_until,
+    xadd,
+    xlen,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+Start = Callable[..., ServeProcess]
+
+# Fast recovery for tests: entries of a dead consumer are reclaimed after 1 s.
+FAST = {
+    "STREAMD_CLAIM_MIN_IDLE_MS": "1000",
+    "STREAMD_REAPER_INTERVAL_S": "0.2",
+    "STREAMD_BATCH_SIZE": "200",
+    "STREAMD_BATCH_TIMEOUT_S": "0.2",
+    "STREAMD_GRACEFUL_TIMEOUT_S": "20",
+}
+
+
+def produce(url: str, n: int, start: int = 0) -> None:
+    for first in range(start, start + n, 1000):
+        xadd(url, (event("t", {"i": i}) for i in range(first, min(first + 1000, start + n))))
+
+
+def distinct_rows(dsn: str) -> tuple[int, int]:
+    row = pg_fetch(dsn, "SELECT count(*) AS n, count(DISTINCT entry_id) AS d FROM events")[0]
+    return int(row["n"]), int(row["d"])
+
+
+def wait_rows(env: dict[str, str], n: int, timeout: float = 60) -> None:
+    dsn = env["STREAMD_POSTGRES_DSN"]
+    wait_until(
+        lambda: count_rows(dsn, missing_ok=True) >= n,
+        timeout=timeout,
+        interval=0.1,
+        message=f"{n} rows",
+    )
+
+
+def assert_exactly_once(env: dict[str, str], produced: int) -> None:
+    assert distinct_rows(env["STREAMD_POSTGRES_DSN"]) == (produced, produced)
+    assert pending_count(env["STREAMD_REDIS_URL"]) == 0
+
+
+def status(env: dict[str, str]) -> dict[str, Any]:
+    found = read_status_files(Path(env["STREAMD_STATE_DIR"]))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def ready_children(env: dict[str, str], n: int, exclude: Collection[int] = ()) -> list[int]:
+    """Wait for the status file to show n ready workers, none of them in `exclude`; their pids."""
+
+    def ready() -> list[int] | None:
+        found = read_status_files(Path(env["STREAMD_STATE_DIR"]))
+        if not found or not found[0]["ready"]:
+            return None
+        kids = [c for c in found[0]["children"] if not c["retiring"]]
+        pids = [c["pid"] for c in kids if c["ready"]]
+        if len(pids) == n == len(kids) and not set(pids) & set(exclude):
+            return pids
+        return None
+
+    return wait_until(ready, timeout=60, interval=0.05, message=f"{n} ready children")
+
+
+class Load:
+    """A producer that is not streamd: XADDs chunks from a thread until stopped."""
+
+    def __init__(self, url: str, chunk: int = 200, pause_s: float = 0.02) -> None:
+        self.url = url
+        self.chunk = chunk
+        self.pause_s = pause_s
+        self.produced = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            produce(self.url, self.chunk, self.produced)
+            self.produced += self.chunk
+            self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(30)
+        return self.produced
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def fast_env(env: dict[str, str]) -> dict[str, str]:
+    env.update(FAST)
+    return env
+
+
+# --- stopping -------------------------------------------------------------------------------
+
+
+def test_sigterm_with_a_backlog_drains_and_exits_0(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    env = fast_env
+    url = env["STREAMD_REDIS_URL"]
+    produce(url, 40_000)
+    serve = start_serve("--procs", "2", "--tasks", "4", "--batch-size", "100")
+    serve.wait_ready(2)
+    wait_rows(env, 1)
+    sent = time.monotonic()
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(30) == 0
+    drain_s = time.monotonic() - sent
+    # Whatever was read was committed and acknowledged: nothing is left in hand.
+    assert pending_count(url) == 0
+    rows = count_rows(env["STREAMD_POSTGRES_DSN"])
+    assert serve.events("worker_drained") and not serve.events("worker_drain_incomplete")
+    assert not list(Path(env["STREAMD_STATE_DIR"]).glob("serve-*.json"))  # status file removed
+    print(f"drain after SIGTERM: {drain_s * 1000:.0f} ms, {rows} of 40000 rows by then")
+
+    # The rest is still in the stream, and the next run takes it from there.
+    again = start_serve("--procs", "2")
+    again.wait_ready(2)
+    wait_rows(env, 40_000)
+    assert again.terminate() == 0
+    assert_exactly_once(env, 40_000)
+
+
+def test_sigint_to_the_process_group_drains_once(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    """Ctrl-C in a terminal signals every process of the group: the children ignore it and
+    drain once, on the supervisor's SIGTERM."""
+    env = fast_env
+    serve = start_serve("--procs", "2")
+    serve.wait_ready(2)
+    with Load(env["STREAMD_REDIS_URL"]) as load:
+        wait_rows(env, 1)
+        serve.send_signal(signal.SIGINT, group=True)
+        assert serve.wait(30) == 0
+        produced = load.stop()
+    assert len(serve.events("worker_drained")) == 2
+    assert not serve.events("worker_stopping_fast")
+    assert pending_count(env["STREAMD_REDIS_URL"]) == 0
+    again = start_serve()
+    again.wait_ready(1)
+    wait_rows(env, produced)
+    assert again.terminate() == 0
+    assert_exactly_once(env, produced)
+
+
+def test_second_sigint_or_sigquit_stops_fast_and_loses_nothing(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    env = fast_env
+    serve = start_serve("--procs", "2")
+    serve.wait_ready(2)
+    with Load(env["STREAMD_REDIS_URL"]) as load:
+        wait_rows(env, 1)
+        serve.send_signal(signal.SIGINT)
+        # Two signals sent at once may arrive as one (POSIX does not queue them): a person
+        # pressing Ctrl-C twice is slower than this wait.
+        wait_until(lambda: serve.events("stopping"), timeout=10)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(30) == 0
+        produced = load.stop()
+    assert serve.events("stop_fast")
+    # Entries in hand stayed pending; the next run reclaims them after claim_min_idle_ms.
+    again = start_serve()
+    again.wait_ready(1)
+    wait_rows(env, produced)
+    wait_until(lambda: pending_count(env["STREAMD_REDIS_URL"]) == 0, timeout=30)
+    again.send_signal(signal.SIGQUIT)
+    assert again.wait(30) == 0
+    assert_exactly_once(env, produced)
+
+
+# --- crashes --------------------------------------------------------------------------------
+
+
+def test_kill_9_of_a_child_mid_load_is_replaced_and_every_event_lands_once(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    env = fast_env
+    url = env["STREAMD_REDIS_URL"]
+    serve = start_serve("--procs", "2", "--tasks", "4")
+    serve.wait_ready(2)
+    first = ready_children(env, 2)
+    with Load(url) as load:
+        wait_rows(env, 2000)
+        killed = time.monotonic()
+        os.kill(first[0], signal.SIGKILL)
+        new = ready_children(env, 2, exclude={first[0]})
+        back_s = time.monotonic() - killed
+        wait_rows(env, load.produced + 1000)  # still ingesting after the replacement
+        produced = load.stop()
+    wait_rows(env, produced)
+    wait_until(lambda: pending_count(url) == 0, timeout=30, message="the dead child's entries")
+    assert first[1] in new
+    restarted = serve.events("child_restarted")
+    assert len(restarted) == 1 and restarted[0]["index"] == 0
+    assert status(env)["restarts"] == 1
+    assert serve.terminate() == 0
+    assert_exactly_once(env, produced)
+    print(f"child back and consuming {back_s * 1000:.0f} ms after kill -9; "
+          f"restarted {restarted[0]['down_ms']} ms after its exit was seen")  # fmt: skip
+
+
+def test_crash_loop_stops_the_service_with_exit_70(env: dict[str, str], start_serve: Start) -> None:
+    env |= {"STREAMD_CRASH_LOOP_MAX": "3", "STREAMD_CRASH_LOOP_WINDOW_S": "60"}
+    serve = start_serve("--procs", "1")
+    seen: set[int] = set()
+    for _ in range(3):
+        pid = ready_children(env, 1, exclude=seen)[0]
+        seen.add(pid)
+        os.kill(pid, signal.SIGKILL)
+    assert serve.wait(30) == 70
+    assert [e["crashes"] for e in serve.events("crash_loop")] == [3]
+    assert "crashed 3 times within 60 s" in serve.output()
+    assert len(serve.events("child_restarted")) == 2
+
+
+def test_boot_error_exits_78_at_once_without_restarts(
+    env: dict[str, str], start_serve: Start
+) -> None:
+    bad_db = env["STREAMD_POSTGRES_DSN"].rsplit("/", 1)[0] + "/no_such_db"
+    serve = start_serve("--procs", "2", environ=env | {"STREAMD_POSTGRES_DSN": bad_db})
+    assert serve.wait(30) == 78
+    assert not serve.events("child_restarted")
+    assert len(serve.events("child_started")) == 2
+    errors = [line for line in serve.output().splitlines() if line.startswith("streamd: error:")]
+    assert len(errors) == 1 and "no_such_db" in errors[0], serve.tail()
+
+
+def test_unreachable_service_at_first_start_exits_69(
+    env: dict[str, str], start_serve: Start
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve = start_serve(environ=env | {"STREAMD_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    assert serve.wait(30) == 69
+    assert not serve.events("child_restarted")
+    assert "streamd: error: Redis at" in serve.output()
+
+
+def test_hung_child_is_killed_and_replaced(fast_env: dict[str, str], start_serve: Start) -> None:
+    env = fast_env | {"STREAMD_HEARTBEAT_TIMEOUT_S": "2"}
+    serve = start_serve("--procs", "2", environ=env)
+    serve.wait_ready(2)
+    first = ready_children(env, 2)
+    produce(env["STREAMD_REDIS_URL"], 2000)
+    wait_rows(env, 1)
+    os.kill(first[0], signal.SIGSTOP)  # its event loop makes no progress from now on
+    new = ready_children(env, 2, exclude={first[0]})
+    assert first[1] in new
+    hung = serve.events("child_hung")
+    assert [h["child_pid"] for h in hung] == [first[0]]
+    assert serve.events("child_exited")[0]["signal"] == "SIGKILL"
+    produce(env["STREAMD_REDIS_URL"], 2000, start=2000)
+    wait_rows(env, 4000)
+    wait_until(lambda: pending_count(env["STREAMD_REDIS_URL"]) == 0, timeout=30)
+    assert serve.terminate() == 0
+    assert_exactly_once(env, 4000)
+
+
+def test_children_exit_when_the_supervisor_is_killed(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    env = fast_env
+    serve = start_serve("--procs", "2")
+    serve.wait_ready(2)
+    children = ready_children(env, 2)
+    with Load(env["STREAMD_REDIS_URL"]) as load:
+        wait_rows(env, 1)
+        os.kill(serve.pid, signal.SIGKILL)
+        assert serve.wait(10) == -signal.SIGKILL
+        assert wait_gone(children, 30), "children outlived the supervisor"
+        produced = load.stop()
+    # They drained on the way out (PR_SET_PDEATHSIG = SIGTERM): nothing was left in hand.
+    assert pending_count(env["STREAMD_REDIS_URL"]) == 0
+    again = start_serve()
+    again.wait_ready(1)
+    wait_rows(env, produced)
+    assert again.terminate() == 0
+    assert_exactly_once(env, produced)
+
+
+# --- recovery -------------------------------------------------------------------------------
+
+
+def test_entries_of_a_dead_foreign_consumer_are_reclaimed_and_it_is_deleted(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    env = fast_env | {"STREAMD_CONSUMER_IDLE_DELETE_MS": "1500"}
+    url = env["STREAMD_REDIS_URL"]
+    produce(url, 300)
+    with redis_client(url) as r:
+        r.xgroup_create("events", "streamd", id="0")
+        held = r.xreadgroup("streamd", "gone-host:4242:0", {"events": ">"}, count=300)
+    assert len(held[0][1]) == 300
+    produce(url, 200, start=300)
+    serve = start_serve("--procs", "2", environ=env)
+    serve.wait_ready(2)
+    wait_rows(env, 500)
+    wait_until(lambda: pending_count(url) == 0, timeout=30)
+
+    def ghost_deleted() -> bool:
+        with redis_client(url) as r:
+            names = {c["name"] for c in r.xinfo_consumers("events", "streamd")}
+        return b"gone-host:4242:0" not in names
+
+    wait_until(ghost_deleted, timeout=30, message="idle consumer deleted")
+    assert sum(e["count"] for e in serve.events("entries_reclaimed")) == 300
+    assert serve.terminate() == 0
+    assert_exactly_once(env, 500)
+
+
+def test_poison_entry_goes_to_the_dlq_after_max_deliveries(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    env = fast_env | {"STREAMD_MAX_DELIVERIES": "3"}
+    url, dsn = env["STREAMD_REDIS_URL"], env["STREAMD_POSTGRES_DSN"]
+    produce(url, 10)
+    with redis_client(url) as r:
+        r.xgroup_create("events", "streamd", id="0")
+        entries = r.xreadgroup("streamd", "crashing:1:0", {"events": ">"}, count=10)[0][1]
+        ids = [e[0] for e in entries]
+        r.xack("events", "streamd", *ids[1:])  # all but the first were fine
+        for n in range(2):  # two more consumers took it over, and died on it too
+            r.xclaim("events", "streamd", f"crashing:{n + 2}:0", 0, [ids[0]])
+    serve = start_serve(environ=env)
+    serve.wait_ready(1)
+    wait_until(lambda: pending_count(url) == 0, timeout=30)
+    dead = pg_fetch(dsn, "SELECT entry_id, reason, deliveries FROM dead_letter_queue")
+    assert [(d["entry_id"], d["reason"], d["deliveries"]) for d in dead] == [
+        (ids[0].decode(), "poison", 4)
+    ]
+    with redis_client(url) as r:
+        letters = r.xrange("events:dead")
+    assert [fields[b"entry_id"] for _id, fields in letters] == [ids[0]]
+    assert pg_fetchval(dsn, "SELECT count(*) FROM events") == 0  # the others were acked before
+    assert serve.terminate() == 0
+
+
+def test_trimming_keeps_the_stream_bounded(fast_env: dict[str, str], start_serve: Start) -> None:
+    env = fast_env
+    url = env["STREAMD_REDIS_URL"]
+    serve = start_serve("--procs", "2")
+    serve.wait_ready(2)
+    for wave in range(5):
+        produce(url, 2000, start=wave * 2000)
+        wait_rows(env, (wave + 1) * 2000)
+        # Everything acknowledged: MINID trimming leaves at most one radix node (100 entries).
+        wait_until(lambda: xlen(url) <= 100, timeout=30, message="stream trimmed")
+    assert serve.terminate() == 0
+    assert_exactly_once(env, 10_000)
+
+
+# --- reload ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(fast_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
+    """A config file that HUP re-reads; the DSN lives there (not in env, which would win)."""
+    path = tmp_path / "streamd.toml"
+    fast_env["STREAMD_CONFIG"] = str(path)
+    yield path
+
+
+def write_config(path: Path, **values: Any) -> None:
+    lines = [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in values.items()]
+    path.write_text("\n".join(lines).replace("'", '"') + "\n")
+
+
+def consumer_names(url: str) -> set[str]:
+    with redis_client(url) as r:
+        return {c["name"].decode() for c in r.xinfo_consumers("events", "streamd")}
+
+
+def test_sighup_reloads_the_config_and_replaces_children_one_by_one(
+    fast_env: dict[str, str], config_file: Path, start_serve: Start
+) -> None:
+    env = fast_env
+    url = env["STREAMD_REDIS_URL"]
+    write_config(config_file, tasks=2)
+    serve = start_serve("--procs", "2")
+    serve.wait_ready(2)
+    old = ready_children(env, 2)
+    with Load(url) as load:
+        wait_rows(env, 1000)
+        write_config(config_file, tasks=3)
+        serve.send_signal(signal.SIGHUP)
+        wait_until(lambda: serve.events("reload_finished"), timeout=60)
+        new = ready_children(env, 2, exclude=set(old))
+        wait_rows(env, load.produced + 1000)
+        produced = load.stop()
+    wait_rows(env, produced)
+    wait_until(lambda: pending_count(url) == 0, timeout=30)
+    started = serve.events("worker_started")
+    assert sorted(e["tasks"] for e in started) == [2, 2, 3, 3]
+    assert {f"{socket.gethostname()}:{pid}:2" for pid in new} <= consumer_names(url)
+    wait_until(lambda: len(serve.events("child_exited")) == 2, timeout=30)
+    exits = {e["child_pid"]: e["code"] for e in serve.events("child_exited")}
+    assert exits == dict.fromkeys(old, 0)  # the old children drained and exited cleanly
+    # One at a time: each old child was told to stop only after its successor was ready.
+    replaced = serve.events("child_replaced")
+    assert [r["old_pid"] for r in replaced] == old
+    assert serve.terminate() == 0
+    assert_exactly_once(env, produced)
+
+
+def test_reload_that_cannot_start_keeps_the_running_children(
+    fast_env: dict[str, str], config_file: Path, start_serve: Start
+) -> None:
+    env = fast_env
+    dsn = env.pop("STREAMD_POSTGRES_DSN")
+    write_config(config_file, postgres_dsn=dsn)
+    serve = start_serve("--procs", "2", environ=env)
+    serve.wait_ready(2)
+    old = ready_children(env, 2)
+
+    write_config(config_file, postgres_dsn=dsn.rsplit("/", 1)[0] + "/no_such_db")
+    serve.send_signal(signal.SIGHUP)
+    failed = wait_until(lambda: serve.events("reload_failed"), timeout=30)
+    assert failed[0]["code"] == 78
+
+    config_file.write_text("tasks = 'many'\n")  # invalid: refused before any child starts
+    serve.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(serve.events("reload_failed")) == 2, timeout=30)
+
+    assert serve.poll() is None
+    assert ready_children(env, 2) == old
+    produce(env["STREAMD_REDIS_URL"], 1000)
+    env["STREAMD_POSTGRES_DSN"] = dsn
+    wait_rows(env, 1000)
+    assert serve.terminate() == 0
+    assert_exactly_once(env, 1000)
+
+
+# --- shape ----------------------------------------------------------------------------------
+
+
+def test_status_file_describes_the_running_service(env: dict[str, str], start_serve: Start) -> None:
+    serve = start_serve("--procs", "auto", "--tasks", "2")
+    procs = len(os.sched_getaffinity(0))
+    serve.wait_ready(procs)
+    pids = ready_children(env, procs)
+    found = status(env)
+    assert found["pid"] == serve.pid
+    assert (found["procs"], found["tasks"], found["restarts"]) == (procs, 2, 0)
+    assert (found["stream"], found["group"], found["state"]) == ("events", "streamd", "running")
+    assert [c["index"] for c in found["children"]] == list(range(procs))
+    assert all(c["last_heartbeat"] for c in found["children"])
+    assert sorted(pids) == sorted(c["pid"] for c in found["children"])
+    assert serve.terminate() == 0
