@@ -529,6 +529,16 @@ _NO_FSYNC = {
 }
 
 
+_TEST_SERVER = {
+    # After a crash, exit instead of reinitialising: kill() then leaves no orphans, and a crashed
+    # test server stays down until the test restarts it.
+    "restart_after_crash": "off",
+    # Shared memory segments as files in the data directory, not /dev/shm: a killed server's are
+    # then deleted with its directory instead of leaking.
+    "dynamic_shared_memory_type": "mmap",
+}
+
+
 @dataclass(eq=False)
 class PostgresServer(_Server):
     """postgres with trust auth for superuser `postgres`, loopback only, its socket in its dir."""
@@ -588,9 +598,7 @@ class PostgresServer(_Server):
             "unix_socket_directories": self._socket_option(),
             "max_connections": "200",
             "logging_collector": "off",
-            # After a crash, exit instead of reinitialising: kill() then leaves no orphans, and a
-            # crashed test server stays down until the test restarts it.
-            **({"restart_after_crash": "off"} if not self.detach else {}),
+            **(_TEST_SERVER if not self.detach else {}),
             **(_NO_FSYNC if not self.fsync else {}),
             **(
                 {"shared_preload_libraries": "pg_stat_statements"}
