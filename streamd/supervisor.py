@@ -331,11 +331,14 @@ class Supervisor:
         self._log_exit(child, code, expected)
         if expected:
             return
+        boot_error = code in (EXIT_BOOT, EXIT_USAGE)
         if self.rollout is not None and child is self.rollout.incoming:
             self._abort_rollout(child, code)
-        elif child.kind == METRICS:
+        elif child.kind == METRICS and not (boot_error and not self.ever_ready):
+            # Metrics are not worth stopping ingest for, except a bad setup at the very start
+            # (say, the port is taken), which a person should see at once.
             self._schedule(METRICS, child.index, time.monotonic())
-        elif code in (EXIT_BOOT, EXIT_USAGE) or (code == EXIT_UNAVAILABLE and not self.ever_ready):
+        elif boot_error or (code == EXIT_UNAVAILABLE and not self.ever_ready):
             self._fail_boot(child, code)
         else:
             # An outage (69) may heal and an unasked clean exit is no crash: neither counts.
@@ -355,6 +358,8 @@ class Supervisor:
             fields["signal"] = signal.Signals(-code).name
         if child.hung:
             fields["reason"] = "hung"
+        if child.failure is not None:
+            fields["error"] = child.failure[1]
         if expected:
             self.log.info("child_exited", **fields)
         else:
@@ -446,7 +451,7 @@ class Supervisor:
         return True
 
     def _fail_boot(self, child: Child, code: int) -> None:
-        message = child.failure[1] if child.failure else f"worker exited with code {code}"
+        message = child.failure[1] if child.failure else f"{child.kind} exited with code {code}"
         self.log.error("boot_failed", index=child.index, code=code, error=message)
         self.failure = BOOT_FAILURES[code](message)
         self._begin_stop(code, "boot_failed")

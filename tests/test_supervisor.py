@@ -11,13 +11,16 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streamd.devservers import wait_gone
+from streamd.child import metrics_available
+from streamd.devservers import free_port, wait_gone
 from streamd.status_file import read_status_files
 from tests.helpers import (
     ServeProcess,
@@ -488,3 +491,57 @@ def test_status_file_describes_the_running_service(env: dict[str, str], start_se
     assert all(c["last_heartbeat"] for c in found["children"])
     assert sorted(pids) == sorted(c["pid"] for c in found["children"])
     assert serve.terminate() == 0
+
+
+# --- metrics child --------------------------------------------------------------------------
+
+needs_metrics = pytest.mark.skipif(
+    not metrics_available(), reason="streamd.metrics.serve_metrics is not available"
+)
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@needs_metrics
+def test_metrics_child_is_restarted_and_stopped_last(
+    env: dict[str, str], start_serve: Start
+) -> None:
+    port = free_port()
+    serve = start_serve("--procs", "2", environ=env | {"STREAMD_METRICS_PORT": str(port)})
+    workers = ready_children(env, 2)
+    first = wait_until(lambda: status(env)["metrics_pid"], timeout=30)
+    wait_until(lambda: http_ok(port, "/readyz"), timeout=30, message="/readyz")
+    shared = Path(env["STREAMD_STATE_DIR"]) / f"metrics-{serve.pid}"
+    assert shared.is_dir()  # PROMETHEUS_MULTIPROC_DIR, made before the children were forked
+
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: status(env)["metrics_pid"] not in (None, first), timeout=30)
+    wait_until(lambda: http_ok(port, "/metrics"), timeout=30, message="/metrics again")
+    assert ready_children(env, 2) == workers  # ingest never noticed
+
+    assert serve.terminate() == 0
+    assert [e["kind"] for e in serve.events("child_exited")] == [
+        "metrics",
+        "worker",
+        "worker",
+        "metrics",
+    ]
+    assert not shared.exists()
+
+
+@needs_metrics
+def test_metrics_port_taken_at_start_stops_with_78(env: dict[str, str], start_serve: Start) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = start_serve(environ=env | {"STREAMD_METRICS_PORT": str(port)})
+        assert serve.wait(30) == 78
+    assert f"cannot listen on 127.0.0.1:{port}" in serve.output()
+    assert not serve.events("child_restarted")
