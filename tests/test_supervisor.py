@@ -7,11 +7,14 @@ Every test ends on what a user cares about: each produced event exactly once in 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -545,3 +548,56 @@ def test_metrics_port_taken_at_start_stops_with_78(env: dict[str, str], start_se
         assert serve.wait(30) == 78
     assert f"cannot listen on 127.0.0.1:{port}" in serve.output()
     assert not serve.events("child_restarted")
+
+
+# --- the whole story, driven by stock Redis tools -------------------------------------------
+
+needs_redis_tools = pytest.mark.skipif(
+    not (shutil.which("redis-benchmark") and shutil.which("redis-cli")),
+    reason="redis-benchmark / redis-cli are not installed",
+)
+
+
+def redis_cli(url: str, *args: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    argv = ["redis-cli", "-h", str(parts.hostname), "-p", str(parts.port)]
+    argv += ["-n", parts.path.lstrip("/") or "0", *args]
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+@needs_redis_tools
+def test_load_kill_dead_consumer_then_sigterm(fast_env: dict[str, str], start_serve: Start) -> None:
+    """The issue's acceptance check: --procs 2 --tasks 4 under redis-benchmark load, kill -9 of
+    a child, a dead foreign consumer holding entries, then SIGTERM."""
+    env = fast_env
+    url = env["STREAMD_REDIS_URL"]
+    parts = urllib.parse.urlsplit(url)
+    bench = ["redis-benchmark", "-h", str(parts.hostname), "-p", str(parts.port)]
+    bench += ["--dbnum", parts.path.lstrip("/"), "-c", "4", "-P", "16", "-r", "1000000", "-q"]
+    xadd_cmd = ["XADD", "events", "*", "type", "bench", "data", '"__rand_int__"']
+    # -n a multiple of clients x pipeline (4 x 16): redis-benchmark sends whole pipelines.
+    subprocess.run([*bench, "-n", "512", *xadd_cmd], check=True, capture_output=True, timeout=60)
+    assert xlen(url) == 512
+    redis_cli(url, "XGROUP", "CREATE", "events", "streamd", "0")
+    redis_cli(url, "XREADGROUP", "GROUP", "streamd", "dead-host:1:0", "COUNT", "500",
+              "STREAMS", "events", ">")  # fmt: skip
+    assert pending_count(url) == 500
+
+    serve = start_serve("--procs", "2", "--tasks", "4")
+    first = ready_children(env, 2)
+    load = subprocess.Popen([*bench, "-n", "40000", *xadd_cmd], stdout=subprocess.DEVNULL)
+    try:
+        wait_rows(env, 2000)
+        os.kill(first[0], signal.SIGKILL)
+        ready_children(env, 2, exclude={first[0]})
+        assert load.wait(60) == 0
+    finally:
+        load.kill()
+    wait_rows(env, 40_512)
+    wait_until(lambda: pending_count(url) == 0, timeout=30, message="nothing pending")
+    sent = time.monotonic()
+    assert serve.terminate(30) == 0
+    stop_s = time.monotonic() - sent
+    assert_exactly_once(env, 40_512)
+    assert len(serve.events("child_restarted")) == 1
+    assert stop_s < 5, f"SIGTERM took {stop_s:.1f} s"
