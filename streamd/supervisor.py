@@ -587,8 +587,9 @@ class Supervisor:
             return
         try:
             new = self._reload() if self._reload is not None else self.settings
-        except StreamdError as exc:
-            self.log.error("reload_failed", error=str(exc), note="keeping the running config")
+        except Exception as exc:  # a reload must never take the running service down
+            error = str(exc) if isinstance(exc, StreamdError) else describe(exc)
+            self.log.error("reload_failed", error=error, note="keeping the running config")
             return
         configure_logging(new.log_level, new.log_format)
         self.notifier.reloading()

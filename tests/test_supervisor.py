@@ -22,9 +22,20 @@ from typing import Any
 
 import pytest
 
-from streamd.child import metrics_available
+from streamd.child import (
+    MSG_HEARTBEAT,
+    MSG_READY,
+    WORKER,
+    encode_failure,
+    metrics_available,
+    parse_line,
+)
+from streamd.config import Settings
 from streamd.devservers import free_port, wait_gone
+from streamd.errors import EXIT_CRASH_LOOP
 from streamd.status_file import read_status_files
+from streamd.supervisor import Child, CrashLoopError, Supervisor
+from streamd.systemd import Notifier
 from tests.helpers import (
     ServeProcess,
     count_rows,
@@ -133,6 +144,78 @@ class Load:
 def fast_env(env: dict[str, str]) -> dict[str, str]:
     env.update(FAST)
     return env
+
+
+# --- the child protocol and supervisor decisions (no fork) ---------------------------------
+
+
+def test_child_lines_round_trip() -> None:
+    assert parse_line(MSG_HEARTBEAT.strip()) == ("hb", 0, "")
+    assert parse_line(MSG_READY.strip()) == ("ready", 0, "")
+    line = encode_failure(78, "Postgres at x: cannot connect:\n  bad password " + "x" * 5000)
+    assert line.endswith(b"\n") and len(line) <= 401  # one atomic pipe write, one line
+    what, code, message = parse_line(line.strip())
+    assert (what, code) == ("fail", 78)
+    assert message.startswith("Postgres at x: cannot connect: bad password xxx")
+    assert parse_line(b"garbage") == ("unknown", 0, "")
+
+
+def unit_supervisor(settings: Settings) -> Supervisor:
+    sup = Supervisor(settings, notifier=Notifier({}))
+    sup.log = _NullLog()
+    return sup
+
+
+class _NullLog:
+    def __getattr__(self, _name: str) -> Callable[..., None]:
+        return lambda *_a, **_k: None
+
+
+def test_signals_dispatch_to_handlers_and_second_sigint_is_fast(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    sup = unit_supervisor(make_settings(procs=2))
+    for pid, index in ((101, 0), (102, 1)):
+        sup.children[pid] = Child(WORKER, index, pid, -1, sup.settings, 0.0, 0.0, 0.0)
+    sup.signals.extend([signal.SIGINT, signal.SIGHUP])
+    sup._dispatch_signals()
+    assert (sup.state, sup.exit_code, sup.fast) == ("stopping", 0, False)
+    assert sent == [(101, signal.SIGTERM), (102, signal.SIGTERM)]  # HUP while stopping: ignored
+    assert sup.rollout is None
+    sup.signals.append(signal.SIGINT)
+    sup._dispatch_signals()
+    assert sup.fast and sent[2:] == [(101, signal.SIGQUIT), (102, signal.SIGQUIT)]
+
+
+def test_crash_loop_counts_crashes_in_the_window_only(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    sup = unit_supervisor(make_settings(crash_loop_max=3, crash_loop_window_s=10))
+    assert not sup._crash_loop()
+    clock[0] += 11  # the first crash leaves the window
+    assert not sup._crash_loop()
+    assert not sup._crash_loop()
+    assert sup._crash_loop()
+    assert sup.exit_code == EXIT_CRASH_LOOP and isinstance(sup.failure, CrashLoopError)
+
+
+def test_restart_backoff_grows_is_capped_and_jittered(
+    make_settings: Callable[..., Settings],
+) -> None:
+    sup = unit_supervisor(make_settings(restart_backoff_max_s=1.0))
+    delays = []
+    for _ in range(8):
+        before = time.monotonic()
+        sup._schedule(WORKER, 0, before)
+        delays.append(sup.due[(WORKER, 0)].at - before)
+    assert 0.1 <= delays[0] <= 0.2 + 0.01  # half fixed, half random
+    assert delays[2] > delays[0]
+    assert all(d <= 1.0 + 0.01 for d in delays)
+    assert delays[-1] >= 0.5  # at the cap: between cap/2 and cap
 
 
 # --- stopping -------------------------------------------------------------------------------
