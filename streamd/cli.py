@@ -339,6 +339,53 @@ def monitor(ctx: click.Context, interval_s: float, once: bool, as_json: bool) ->
     _run(body)
 
 
+# --- logs -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("file", required=False, metavar="[FILE]")
+@click.option("-f", "--follow", is_flag=True, help="Keep reading as FILE grows (across rotation).")
+@click.option(
+    "-n",
+    "--lines",
+    "start_lines",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    help="With --follow: start with the last N lines.",
+)
+@click.option("--level", metavar="L", help="Hide JSON lines below L (debug..critical).")
+@click.option("--grep", metavar="TEXT", help="Only lines containing TEXT.")
+@click.option("--color/--no-color", default=None, help="Default: colour on a terminal.")
+def logs(
+    file: str | None,
+    follow: bool,
+    start_lines: int,
+    level: str | None,
+    grep: str | None,
+    color: bool | None,
+) -> None:
+    """Pretty-print JSON log lines from FILE or stdin; other lines pass through unchanged.
+
+    journalctl -u streamd -o cat | streamd logs --level warning
+    """
+    import os
+
+    from streamd.logview import LogView, min_level, show_logs
+
+    def body() -> None:
+        use_color = sys.stdout.isatty() if color is None else color
+        view = LogView(min_level(level), grep, use_color)
+        try:
+            show_logs(file, view, follow=follow, start_lines=start_lines)
+        except KeyboardInterrupt:
+            pass  # how a --follow ends
+        except BrokenPipeError:  # `streamd logs ... | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    _run(body)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)
