@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import select
 import shutil
 import signal
 import time
@@ -31,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from streamd.child import METRICS, WORKER, ChildSpec, metrics_available, parse_line, run_child
+from streamd.child import METRICS, WORKER, metrics_available
+from streamd.children import Child, ChildTable, Slot
 from streamd.config import Settings
 from streamd.errors import (
     EXIT_BOOT,
@@ -45,12 +45,12 @@ from streamd.errors import (
     StreamdError,
 )
 from streamd.log import configure_logging, get_logger
-from streamd.retry import Backoff, describe
+from streamd.restarts import RestartPolicy
+from streamd.retry import describe
 from streamd.status_file import remove_status, status_path, write_status
 from streamd.systemd import Notifier
 
 TICK_S = 0.5  # the longest the loop sleeps: heartbeat checks and status refreshes run this often
-RESTART_INITIAL_S = 0.2
 METRICS_STOP_TIMEOUT_S = 5.0
 STATUS_REFRESH_S = 1.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
@@ -61,35 +61,10 @@ BOOT_FAILURES: dict[int, type[StreamdError]] = {
 }
 
 State = Literal["starting", "running", "reloading", "stopping"]
-Slot = tuple[str, int]  # (kind, index)
 
 
 class CrashLoopError(StreamdError):
     exit_code = EXIT_CRASH_LOOP
-
-
-@dataclass(slots=True, eq=False)
-class Child:
-    kind: str
-    index: int
-    pid: int
-    fd: int  # read end of the child's pipe; -1 once closed
-    settings: Settings
-    started_at: float  # epoch seconds
-    started_mono: float
-    last_seen: float  # monotonic time of the last message
-    last_heartbeat: float = 0.0  # epoch seconds, for the status file
-    ready: bool = False
-    retiring: bool = False  # told to stop: its exit is expected and not replaced
-    kill_at: float | None = None  # SIGKILL if still alive then
-    killed: bool = False
-    hung: bool = False
-    failure: tuple[int, str] | None = None  # from a `fail` line
-    buffer: bytes = b""
-
-    @property
-    def slot(self) -> Slot:
-        return self.kind, self.index
 
 
 @dataclass(slots=True)
@@ -101,12 +76,6 @@ class Rollout:
     started: float
     incoming: Child | None = None
     replaced: int = 0
-
-
-@dataclass(slots=True)
-class Due:
-    at: float  # monotonic time to start the slot
-    down_since: float  # when its previous child exited
 
 
 class Supervisor:
@@ -122,11 +91,8 @@ class Supervisor:
         self.notifier = notifier or Notifier()
         self.log: Any = get_logger()
         self.state: State = "starting"
-        self.children: dict[int, Child] = {}
-        self.by_fd: dict[int, Child] = {}
-        self.due: dict[Slot, Due] = {}
-        self.backoffs: dict[Slot, Backoff] = {}
-        self.crashes: deque[float] = deque()
+        self.children = ChildTable()
+        self.restart = RestartPolicy(settings)
         self.signals: deque[int] = deque()
         self.rollout: Rollout | None = None
         self.reload_again = False
@@ -138,7 +104,6 @@ class Supervisor:
         self.failure: StreamdError | None = None
         self.pid = 0
         self.started_at = 0.0
-        self.poller = select.poll()
         self.wakeup: tuple[int, int] = (-1, -1)
         self.status_file = Path()
         self.metrics_dir: Path | None = None
@@ -156,10 +121,12 @@ class Supervisor:
         self._setup()
         try:
             self._spawn_missing()
-            while self.children or self.state != "stopping":
-                self._wait(self._timeout())
+            while len(self.children) or self.state != "stopping":
+                for child in self.children.poll(self._timeout()):
+                    self._on_ready(child)
                 self._dispatch_signals()
-                self._reap()
+                for child, code in self.children.reap():
+                    self._on_exit(child, code)
                 self._check_heartbeats()
                 self._advance()
                 self._publish()
@@ -178,24 +145,19 @@ class Supervisor:
             self._spawn_missing()
         if self.state == "stopping":
             self._advance_stop()
-        self._kill_overdue(now)
+        for child in self.children.kill_overdue(now):
+            self.log.warning(
+                "child_killed", kind=child.kind, index=child.index, child_pid=child.pid
+            )
         self._watchdog(now)
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        moments = [d.at for d in self.due.values()]
-        moments += [c.kill_at for c in self.children.values() if c.kill_at and not c.killed]
+        moments = [self.restart.next_at(), self.children.next_kill_at()]
         if self.notifier.watchdog_interval_s() is not None:
             moments.append(self._next_watchdog)
-        soonest = min(moments, default=now + TICK_S)
+        soonest = min((m for m in moments if m is not None), default=now + TICK_S)
         return max(0.0, min(TICK_S, soonest - now))
-
-    def _wait(self, timeout_s: float) -> None:
-        for fd, _event in self.poller.poll(timeout_s * 1000):
-            if fd == self.wakeup[0]:
-                _drain_fd(fd)
-            elif fd in self.by_fd:
-                self._read_child(self.by_fd[fd])
 
     # --- setup and teardown ---------------------------------------------------------------
 
@@ -217,7 +179,7 @@ class Supervisor:
         for fd in (read_end, write_end):
             os.set_blocking(fd, False)
         self.wakeup = (read_end, write_end)
-        self.poller.register(read_end, select.POLLIN)
+        self.children.watch_wakeup(read_end, self.wakeup)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             self._old_handlers[signum] = signal.signal(signum, self._enqueue)
@@ -235,8 +197,7 @@ class Supervisor:
         for fd in self.wakeup:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for child in list(self.children.values()):
-            self._close_pipe(child)
+        self.children.close()
         remove_status(self.status_file)
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
@@ -244,85 +205,69 @@ class Supervisor:
     def _enqueue(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)  # only this: the loop does the work
 
-    # --- children: start, read, reap ------------------------------------------------------
+    # --- starting children ----------------------------------------------------------------
 
     def _spawn(self, kind: str, index: int) -> Child | None:
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
         try:
-            pid = os.fork()
+            child = self.children.spawn(kind, index, self.settings, self.status_file)
         except OSError as exc:
-            os.close(read_end)
-            os.close(write_end)
-            self.log.error("fork_failed", index=index, error=describe(exc))
-            self._schedule(kind, index, time.monotonic())
+            self.log.error("fork_failed", kind=kind, index=index, error=describe(exc))
+            self.restart.schedule((kind, index), time.monotonic())
             return None
-        if pid == 0:
-            run_child(self._spec(kind, index, write_end, read_end))
-        os.close(write_end)
-        now = time.monotonic()
-        child = Child(kind, index, pid, read_end, self.settings, time.time(), now, now)
-        self.children[pid] = child
-        self.by_fd[read_end] = child
-        self.poller.register(read_end, select.POLLIN)
-        self.log.info("child_started", kind=kind, index=index, child_pid=pid)
+        self.log.info("child_started", kind=kind, index=index, child_pid=child.pid)
         self._dirty = True
         return child
 
-    def _spec(self, kind: str, index: int, write_end: int, read_end: int) -> ChildSpec:
-        return ChildSpec(
-            kind=kind,
-            index=index,
-            settings=self.settings,
-            write_fd=write_end,
-            parent_pid=self.pid,
-            close_fds=[read_end, *self.wakeup, *self.by_fd],
-            status_file=self.status_file,
-        )
+    def _spawn_missing(self) -> None:
+        for index in range(self.settings.resolved_procs()):
+            self._fill((WORKER, index))
+        metrics_gone = not any(c.kind == METRICS for c in self.children)  # even one retiring
+        if metrics_gone and self._wanted((METRICS, 0)):
+            self._fill((METRICS, 0))
 
-    def _read_child(self, child: Child) -> None:
-        while child.fd >= 0:
-            try:
-                data = os.read(child.fd, 4096)
-            except BlockingIOError:
-                break
-            if not data:  # EOF: the child is gone; waitpid tells how
-                self._close_pipe(child)
-                break
-            self._on_data(child, data)
+    def _fill(self, slot: Slot) -> None:
+        if slot not in self.restart.due and self.children.occupant(slot) is None:
+            self._spawn(*slot)
 
-    def _on_data(self, child: Child, data: bytes) -> None:
-        child.last_seen = time.monotonic()
-        child.last_heartbeat = time.time()
-        *lines, child.buffer = (child.buffer + data).split(b"\n")
-        for line in lines:
-            what, code, message = parse_line(line)
-            if what == "ready" and not child.ready:
-                self._on_ready(child)
-            elif what == "fail":
-                child.failure = (code, message)
-
-    def _close_pipe(self, child: Child) -> None:
-        if child.fd < 0:
+    def _start_due(self, now: float) -> None:
+        if self.state == "stopping":
             return
-        self.poller.unregister(child.fd)
-        self.by_fd.pop(child.fd, None)
-        os.close(child.fd)
-        child.fd = -1
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            child = self.children.pop(pid, None)
+        for slot, due in self.restart.pop_due(now):
+            if not self._wanted(slot) or self.children.occupant(slot) is not None:
+                continue
+            child = self._spawn(*slot)
             if child is not None:
-                self._read_child(child)  # a `fail` line may still be in the pipe
-                self._close_pipe(child)
-                self._on_exit(child, os.waitstatus_to_exitcode(status))
+                self.restarts += 1
+                self.log.info(
+                    "child_restarted",
+                    kind=child.kind,
+                    index=child.index,
+                    child_pid=child.pid,
+                    restarts=self.restarts,
+                    down_ms=round((now - due.down_since) * 1000, 1),
+                )
+
+    def _wanted(self, slot: Slot) -> bool:
+        kind, index = slot
+        if kind == METRICS:
+            return self.settings.metrics_port != 0 and metrics_available()
+        return index < self.settings.resolved_procs()
+
+    def _on_ready(self, child: Child) -> None:
+        self._dirty = True
+        boot_ms = round((time.monotonic() - child.started_mono) * 1000, 1)
+        self.log.info("child_ready", index=child.index, child_pid=child.pid, boot_ms=boot_ms)
+        if self.state == "starting" and self._all_ready():
+            self.state = "running"
+            self.ever_ready = True
+            self.log.info("serve_ready", procs=self.settings.resolved_procs())
+            self.notifier.ready(self._status_text())
+
+    def _all_ready(self) -> bool:
+        procs = self.settings.resolved_procs()
+        return self.children.ready_count(procs) == procs
+
+    # --- exits ----------------------------------------------------------------------------
 
     def _on_exit(self, child: Child, code: int) -> None:
         self._dirty = True
@@ -337,14 +282,20 @@ class Supervisor:
         elif child.kind == METRICS and not (boot_error and not self.ever_ready):
             # Metrics are not worth stopping ingest for, except a bad setup at the very start
             # (say, the port is taken), which a person should see at once.
-            self._schedule(METRICS, child.index, time.monotonic())
+            self._schedule(child)
         elif boot_error or (code == EXIT_UNAVAILABLE and not self.ever_ready):
             self._fail_boot(child, code)
         else:
             # An outage (69) may heal and an unasked clean exit is no crash: neither counts.
             crashed = code not in (EXIT_OK, EXIT_UNAVAILABLE)
             if not (crashed and self._crash_loop()):
-                self._schedule(WORKER, child.index, time.monotonic())
+                self._schedule(child)
+
+    def _schedule(self, child: Child) -> None:
+        delay = self.restart.schedule(child.slot, time.monotonic())
+        self.log.info(
+            "child_restart_scheduled", kind=child.kind, index=child.index, in_s=round(delay, 3)
+        )
 
     def _log_exit(self, child: Child, code: int, expected: bool) -> None:
         fields: dict[str, Any] = {
@@ -360,10 +311,7 @@ class Supervisor:
             fields["reason"] = "hung"
         if child.failure is not None:
             fields["error"] = child.failure[1]
-        if expected:
-            self.log.info("child_exited", **fields)
-        else:
-            self.log.warning("child_exited", **fields)
+        (self.log.info if expected else self.log.warning)("child_exited", **fields)
 
     def _mark_dead(self, pid: int) -> None:
         """Let prometheus_client merge the dead child's live gauges away (if it is installed)."""
@@ -374,78 +322,16 @@ class Supervisor:
         with contextlib.suppress(Exception):
             multiprocess.mark_process_dead(pid, str(self.metrics_dir))
 
-    # --- restarts -------------------------------------------------------------------------
-
-    def _schedule(self, kind: str, index: int, down_since: float) -> None:
-        backoff = self.backoffs.setdefault(
-            (kind, index),
-            Backoff(
-                RESTART_INITIAL_S,
-                max(RESTART_INITIAL_S, self.settings.restart_backoff_max_s),
-                healthy_after_s=self.settings.crash_loop_window_s,
-            ),
-        )
-        delay = backoff.next_delay()
-        self.due[(kind, index)] = Due(time.monotonic() + delay, down_since)
-        self.log.info("child_restart_scheduled", kind=kind, index=index, in_s=round(delay, 3))
-
-    def _start_due(self, now: float) -> None:
-        for slot, due in list(self.due.items()):
-            if due.at > now or self.state == "stopping":
-                continue
-            del self.due[slot]
-            if not self._wanted(slot) or self._occupant(slot) is not None:
-                continue
-            child = self._spawn(*slot)
-            if child is not None:
-                self.restarts += 1
-                self.log.info(
-                    "child_restarted",
-                    kind=child.kind,
-                    index=child.index,
-                    child_pid=child.pid,
-                    restarts=self.restarts,
-                    down_ms=round((now - due.down_since) * 1000, 1),
-                )
-
-    def _spawn_missing(self) -> None:
-        for index in range(self.settings.resolved_procs()):
-            slot = (WORKER, index)
-            if slot not in self.due and self._occupant(slot) is None:
-                self._spawn(WORKER, index)
-        metrics_slot = (METRICS, 0)
-        if (
-            self._wanted(metrics_slot)
-            and metrics_slot not in self.due
-            and not any(c.kind == METRICS for c in self.children.values())
-        ):
-            self._spawn(METRICS, 0)
-
-    def _wanted(self, slot: Slot) -> bool:
-        kind, index = slot
-        if kind == METRICS:
-            return self.settings.metrics_port != 0 and metrics_available()
-        return index < self.settings.resolved_procs()
-
-    def _occupant(self, slot: Slot) -> Child | None:
-        for child in self.children.values():
-            if child.slot == slot and not child.retiring:
-                return child
-        return None
-
     def _crash_loop(self) -> bool:
         """Count a crash; True (and stopping) when there were too many in the window."""
-        now = time.monotonic()
-        window = self.settings.crash_loop_window_s
-        self.crashes.append(now)
-        while self.crashes and self.crashes[0] < now - window:
-            self.crashes.popleft()
-        if len(self.crashes) < self.settings.crash_loop_max:
+        crashes = self.restart.crash(time.monotonic())
+        if not self.restart.is_crash_loop(crashes):
             return False
-        self.log.error("crash_loop", crashes=len(self.crashes), window_s=window)
+        window = self.settings.crash_loop_window_s
+        self.log.error("crash_loop", crashes=crashes, window_s=window)
         self.failure = CrashLoopError(
-            f"children crashed {len(self.crashes)} times within {window:g} s "
-            "(crash_loop_max); stopped. See the child_exited lines above."
+            f"children crashed {crashes} times within {window:g} s (crash_loop_max); stopped. "
+            "See the child_exited lines above."
         )
         self._begin_stop(EXIT_CRASH_LOOP, "crash_loop")
         return True
@@ -461,7 +347,7 @@ class Supervisor:
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         gap, self._last_tick = now - self._last_tick, now
-        workers = [c for c in self.children.values() if c.kind == WORKER]
+        workers = self.children.workers()
         limit = min(
             (c.settings.heartbeat_timeout_s for c in workers),
             default=self.settings.heartbeat_timeout_s,
@@ -478,50 +364,7 @@ class Supervisor:
                 self.log.warning(
                     "child_hung", index=child.index, child_pid=child.pid, silent_s=round(silent, 2)
                 )
-                self._signal(child, signal.SIGKILL)
-
-    def _kill_overdue(self, now: float) -> None:
-        for child in self.children.values():
-            if child.kill_at is not None and now >= child.kill_at and not child.killed:
-                child.killed = True
-                self.log.warning(
-                    "child_killed", kind=child.kind, index=child.index, child_pid=child.pid
-                )
-                self._signal(child, signal.SIGKILL)
-
-    def _signal(self, child: Child, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signum)
-
-    def _retire(self, child: Child, signum: int, timeout_s: float) -> None:
-        child.retiring = True
-        child.kill_at = time.monotonic() + timeout_s
-        self._dirty = True
-        self._signal(child, signum)
-
-    def _on_ready(self, child: Child) -> None:
-        child.ready = True
-        self._dirty = True
-        boot_ms = round((time.monotonic() - child.started_mono) * 1000, 1)
-        self.log.info("child_ready", index=child.index, child_pid=child.pid, boot_ms=boot_ms)
-        if self.state == "starting" and self._all_ready():
-            self.state = "running"
-            self.ever_ready = True
-            self.log.info("serve_ready", procs=self.settings.resolved_procs())
-            self.notifier.ready(self._status_text())
-
-    def _ready_count(self) -> int:
-        procs = self.settings.resolved_procs()
-        return len(
-            {
-                c.index
-                for c in self.children.values()
-                if c.kind == WORKER and c.ready and not c.retiring and c.index < procs
-            }
-        )
-
-    def _all_ready(self) -> bool:
-        return self._ready_count() == self.settings.resolved_procs()
+                self.children.signal(child, signal.SIGKILL)
 
     # --- signals --------------------------------------------------------------------------
 
@@ -544,38 +387,39 @@ class Supervisor:
         self._begin_reload()
 
     def handle_sigchld(self) -> None:
-        pass  # waking up was the point: _reap runs on every turn of the loop
+        pass  # waking up was the point: reaping runs on every turn of the loop
 
     # --- stop -----------------------------------------------------------------------------
 
     def _begin_stop(self, code: int, reason: str, fast: bool = False) -> None:
-        workers = [c for c in self.children.values() if c.kind == WORKER]
+        workers = self.children.workers()
         if self.state == "stopping":
             if fast and not self.fast:
                 self.fast = True
                 self.log.info("stop_fast", reason=reason, children=len(workers))
                 for child in workers:
-                    self._signal(child, signal.SIGQUIT)
+                    self.children.signal(child, signal.SIGQUIT)
             return
         self.state = "stopping"
         self.exit_code = code
         self.fast = fast
-        self.due.clear()
+        self.restart.due.clear()
         self.rollout = None
         timeout = self.settings.graceful_timeout_s
         self.log.info(
             "stopping", reason=reason, fast=fast, children=len(workers), timeout_s=timeout
         )
         self.notifier.stopping(f"stopping ({reason})")
+        self._dirty = True
         for child in workers:
-            self._retire(child, signal.SIGQUIT if fast else signal.SIGTERM, timeout)
+            self.children.retire(child, signal.SIGQUIT if fast else signal.SIGTERM, timeout)
 
     def _advance_stop(self) -> None:
-        if any(c.kind == WORKER for c in self.children.values()):
+        if self.children.workers():
             return
-        for child in self.children.values():  # the metrics child goes last
+        for child in self.children:  # the metrics child goes last
             if not child.retiring:
-                self._retire(child, signal.SIGTERM, METRICS_STOP_TIMEOUT_S)
+                self.children.retire(child, signal.SIGTERM, METRICS_STOP_TIMEOUT_S)
 
     # --- reload ---------------------------------------------------------------------------
 
@@ -595,17 +439,19 @@ class Supervisor:
         self.notifier.reloading()
         procs = new.resolved_procs()
         self.rollout = Rollout(self.settings, list(range(procs)), time.monotonic())
-        if (new.metrics_host, new.metrics_port) != (
-            self.settings.metrics_host,
-            self.settings.metrics_port,
-        ):
-            for child in self.children.values():
+        old = self.settings
+        if (new.metrics_host, new.metrics_port) != (old.metrics_host, old.metrics_port):
+            for child in self.children:
                 if child.kind == METRICS:
-                    self._retire(child, signal.SIGTERM, METRICS_STOP_TIMEOUT_S)
-        self.settings = new
+                    self.children.retire(child, signal.SIGTERM, METRICS_STOP_TIMEOUT_S)
+        self._use(new)
         self.state = "reloading"
         self._dirty = True
         self.log.info("reload_started", procs=procs, tasks=new.tasks)
+
+    def _use(self, settings: Settings) -> None:
+        self.settings = settings
+        self.restart.settings = settings
 
     def _advance_rollout(self) -> None:
         rollout = self.rollout
@@ -615,7 +461,7 @@ class Supervisor:
                     self._finish_rollout(rollout)
                     return
                 index = rollout.slots.pop(0)
-                self.due.pop((WORKER, index), None)
+                self.restart.due.pop((WORKER, index), None)
                 rollout.incoming = self._spawn(WORKER, index)
                 if rollout.incoming is None:
                     self._end_rollout_failed(rollout, "fork failed")
@@ -627,21 +473,19 @@ class Supervisor:
             rollout.incoming = None
 
     def _replace(self, incoming: Child) -> None:
-        for old in list(self.children.values()):
+        """Drain the children that incoming replaces, now that it consumes."""
+        for old in self.children:
             if old.slot == incoming.slot and old is not incoming and not old.retiring:
                 self.log.info(
-                    "child_replaced",
-                    index=old.index,
-                    old_pid=old.pid,
-                    child_pid=incoming.pid,
+                    "child_replaced", index=old.index, old_pid=old.pid, child_pid=incoming.pid
                 )
-                self._retire(old, signal.SIGTERM, old.settings.graceful_timeout_s)
+                self.children.retire(old, signal.SIGTERM, old.settings.graceful_timeout_s)
 
     def _finish_rollout(self, rollout: Rollout) -> None:
         procs = self.settings.resolved_procs()
-        for child in list(self.children.values()):
-            if child.kind == WORKER and child.index >= procs and not child.retiring:
-                self._retire(child, signal.SIGTERM, child.settings.graceful_timeout_s)
+        for child in self.children.workers():  # fewer procs than before: drain the rest
+            if child.index >= procs and not child.retiring:
+                self.children.retire(child, signal.SIGTERM, child.settings.graceful_timeout_s)
         self.rollout = None
         self.state = "running"
         self.ever_ready = True
@@ -659,7 +503,7 @@ class Supervisor:
     def _end_rollout_failed(self, rollout: Rollout | None, reason: str, **fields: Any) -> None:
         if rollout is None:
             return
-        self.settings = rollout.previous
+        self._use(rollout.previous)
         self.rollout = None
         self.reload_again = False
         self.state = "running"
@@ -682,11 +526,11 @@ class Supervisor:
 
     def _status_text(self) -> str:
         procs = self.settings.resolved_procs()
-        ready = self._ready_count()
         if self.state == "reloading" and self.rollout is not None:
             return f"reloading: {self.rollout.replaced}/{procs} workers replaced"
         if self.state == "stopping":
             return "stopping"
+        ready = self.children.ready_count(procs)
         return f"{self.state}: {ready}/{procs} workers consuming, {self.restarts} restarts"
 
     def _publish(self) -> None:
@@ -701,10 +545,7 @@ class Supervisor:
             self.notifier.status(text)
 
     def _write_status(self) -> None:
-        workers = sorted(
-            (c for c in self.children.values() if c.kind == WORKER), key=lambda c: c.index
-        )
-        metrics = [c.pid for c in self.children.values() if c.kind == METRICS]
+        metrics = [c.pid for c in self.children if c.kind == METRICS]
         status = {
             "pid": self.pid,
             "started_at": self.started_at,
@@ -715,7 +556,7 @@ class Supervisor:
             "state": self.state,
             "ready": self.state in ("running", "reloading") and self._all_ready(),
             "restarts": self.restarts,
-            "children": [_child_status(c) for c in workers],
+            "children": [_child_status(c) for c in self.children.workers()],
             "metrics_pid": metrics[0] if metrics else None,
             "updated_at": time.time(),
         }
@@ -740,9 +581,3 @@ def _fresh_dir(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(mode=0o700)
     return path
-
-
-def _drain_fd(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 4096):
-            pass

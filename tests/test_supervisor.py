@@ -30,11 +30,13 @@ from streamd.child import (
     metrics_available,
     parse_line,
 )
+from streamd.children import Child
 from streamd.config import Settings
 from streamd.devservers import free_port, wait_gone
 from streamd.errors import EXIT_CRASH_LOOP
+from streamd.restarts import RestartPolicy
 from streamd.status_file import read_status_files
-from streamd.supervisor import Child, CrashLoopError, Supervisor
+from streamd.supervisor import CrashLoopError, Supervisor
 from streamd.systemd import Notifier
 from tests.helpers import (
     ServeProcess,
@@ -178,7 +180,7 @@ def test_signals_dispatch_to_handlers_and_second_sigint_is_fast(
     monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append((pid, signum)))
     sup = unit_supervisor(make_settings(procs=2))
     for pid, index in ((101, 0), (102, 1)):
-        sup.children[pid] = Child(WORKER, index, pid, -1, sup.settings, 0.0, 0.0, 0.0)
+        sup.children.by_pid[pid] = Child(WORKER, index, pid, -1, sup.settings, 0.0, 0.0, 0.0)
     sup.signals.extend([signal.SIGINT, signal.SIGHUP])
     sup._dispatch_signals()
     assert (sup.state, sup.exit_code, sup.fast) == ("stopping", 0, False)
@@ -206,12 +208,9 @@ def test_crash_loop_counts_crashes_in_the_window_only(
 def test_restart_backoff_grows_is_capped_and_jittered(
     make_settings: Callable[..., Settings],
 ) -> None:
-    sup = unit_supervisor(make_settings(restart_backoff_max_s=1.0))
-    delays = []
-    for _ in range(8):
-        before = time.monotonic()
-        sup._schedule(WORKER, 0, before)
-        delays.append(sup.due[(WORKER, 0)].at - before)
+    policy = RestartPolicy(make_settings(restart_backoff_max_s=1.0))
+    delays = [policy.schedule((WORKER, 0), time.monotonic()) for _ in range(8)]
+    assert policy.next_at() is not None
     assert 0.1 <= delays[0] <= 0.2 + 0.01  # half fixed, half random
     assert delays[2] > delays[0]
     assert all(d <= 1.0 + 0.01 for d in delays)
