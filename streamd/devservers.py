@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -353,7 +354,12 @@ class _Server:
     def _launch(self) -> bool:
         """Start the process and wait for it; False if it lost a race for an automatic port."""
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        preexec = None if self.detach else _die_with_parent(self.parent_death_signal)
+        # The kernel tracks the forking *thread*: from any other thread the server would die
+        # with that thread, so the safety net is only set from the main thread.
+        on_main = threading.current_thread() is threading.main_thread()
+        preexec = (
+            _die_with_parent(self.parent_death_signal) if on_main and not self.detach else None
+        )
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self._command(),
