@@ -196,7 +196,8 @@ SEED_ENV = {
     "XREAD_COUNT": "read_count",
     "XREAD_BLOCK_MS": "block_ms",
 }
-_NOT_KEYS = frozenset({"STREAMD_CONFIG"})
+# STREAMD_* names that are not config keys: the config file's path, and the dev servers' binaries.
+_NOT_KEYS = frozenset({"STREAMD_CONFIG", "STREAMD_PG_BIN", "STREAMD_REDIS_SERVER"})
 
 
 def field_names() -> list[str]:

@@ -86,7 +86,9 @@ async def postgres_connect(settings: Settings) -> asyncpg.Connection:
 
 
 async def postgres_pool(settings: Settings, size: int) -> asyncpg.Pool:
-    return await asyncpg.create_pool(min_size=1, max_size=size, **postgres_kwargs(settings))
+    # min_size=0: no background reconnect loop of the pool's own during an outage; streamd's
+    # retries (with backoff and one log line each) decide when to try again.
+    return await asyncpg.create_pool(min_size=0, max_size=size, **postgres_kwargs(settings))
 
 
 def describe_redis(settings: Settings) -> str:

@@ -81,7 +81,13 @@ class BatchWriter:
         async def write() -> tuple[WriteResult, float]:
             async with self.pool.acquire() as conn:
                 t0 = time.perf_counter()
-                written = await self.sink.write(conn, rows, rejects)
+                try:
+                    written = await self.sink.write(conn, rows, rejects)
+                except BaseException:
+                    # A write cut off mid-way (server gone, timeout, cancellation) can leave the
+                    # connection mid-protocol: never hand it back to the pool for reuse.
+                    conn.terminate()
+                    raise
                 return written, time.perf_counter() - t0
 
         # Dead letters handed in (the reaper's poison) are held by this consumer too.
@@ -140,6 +146,10 @@ class Consumer:
         self.log = get_logger(consumer=stream.consumer)
         self.client_id: int | None = None  # Redis CLIENT ID of the read connection, for waking
         self._stopping = asyncio.Event()
+        # After a lost connection, Redis may have delivered entries whose reply never arrived:
+        # they are pending under this consumer's name. Take them back before reading new ones,
+        # rather than leaving them to the reaper's claim_min_idle_ms.
+        self._check_own_pending = False
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from run(). Pair with a CLIENT UNBLOCK."""
@@ -156,6 +166,7 @@ class Consumer:
                 entries = await self._fill_batch()
             except TRANSIENT_ERRORS as exc:
                 self.client_id = None  # a new connection will have a new id
+                self._check_own_pending = True
                 if is_nogroup(exc):
                     await ensure_group(self.stream.client, self.stream.stream, self.stream.group)
                     self.log.warning("group_recreated", stream=self.stream.stream)
@@ -171,6 +182,12 @@ class Consumer:
 
     async def _fill_batch(self) -> list[RawEntry]:
         s = self.settings
+        if self._check_own_pending:
+            own = await self.stream.read(s.batch_size, None, own_pending=True)
+            if own:
+                self.log.info("own_pending_recovered", count=len(own))
+                return own
+            self._check_own_pending = False
         entries: list[RawEntry] = []
         deadline = 0.0
         while len(entries) < s.batch_size and not self.stopping:

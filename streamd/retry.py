@@ -27,6 +27,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,  # a failover demoted the server we talk to
     asyncpg.InterfaceError,  # connection closed or in a bad state
+    asyncpg.exceptions._base.InternalClientError,  # protocol state after a cut connection
     asyncpg.PostgresError,  # server-side errors that are not about the rows (see module doc)
 )
 

@@ -61,12 +61,18 @@ class GroupStream:
         self.dead_maxlen = dead_maxlen
         self._dead_letter = client.register_script(dlq.ACK_AND_DEAD_LETTER)
 
-    async def read(self, count: int, block_ms: int | None) -> list[RawEntry]:
-        """New entries for this consumer (XREADGROUP ... >); [] when there are none."""
+    async def read(
+        self, count: int, block_ms: int | None, *, own_pending: bool = False
+    ) -> list[RawEntry]:
+        """New entries for this consumer (XREADGROUP ... >); [] when there are none.
+
+        own_pending: instead, the oldest entries already delivered to this consumer and not yet
+        acknowledged (XREADGROUP ... 0).
+        """
         args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
         if block_ms is not None:
             args += ["BLOCK", block_ms]
-        args += ["STREAMS", self.stream, ">"]
+        args += ["STREAMS", self.stream, "0" if own_pending else ">"]
         reply = await command(self.client, *args)
         if not reply:
             return []
