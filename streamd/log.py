@@ -33,18 +33,35 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    exc_info = structlog.processors.format_exc_info if use_json else _passthrough
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info if use_json else _passthrough,
-            renderer,
-        ],
+        processors=[*shared, exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(shared, exc_info, renderer)
+
+
+def _route_stdlib_logging(shared: list[Any], exc_info: Any, renderer: Any) -> None:
+    """Libraries (asyncpg, redis-py) log through `logging`: render their records like ours, so a
+    JSON log stays all JSON. They only speak up at WARNING and above; their own retries are
+    noise next to streamd's retry lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, exc_info],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
 
 
 def _passthrough(_logger: Any, _name: str, event: Any) -> Any:
