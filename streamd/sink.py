@@ -1,7 +1,8 @@
 """The Postgres side of a batch: binary COPY of the good rows, isolation of the rows Postgres
 refuses, and the dead-letter rows, all committed in one transaction.
 
-Fast path: one binary COPY straight into the events table. If the batch was already (partly)
+Fast path: one binary COPY straight into the events table, in autocommit (a single round trip).
+Otherwise everything happens in one transaction. If the batch was already (partly)
 committed before (a replay after a crash, or an entry reclaimed from a slow consumer), the primary
 key refuses it and the batch is written again through a staging table with
 `INSERT ... ON CONFLICT DO NOTHING`, which inserts only what is new. If Postgres refuses a row for
@@ -107,6 +108,14 @@ class PostgresSink:
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
         """Commit rows and dead-letter rows in one transaction. Transient errors propagate."""
+        if rows and not rejects:
+            # The common case: one COPY in autocommit, one round trip, atomic on its own. If
+            # Postgres refuses it for any row's sake, nothing was written: take the careful path.
+            try:
+                await self._copy(conn, rows)
+                return WriteResult(inserted=len(rows))
+            except ROW_ERRORS:
+                pass
         result = WriteResult()
         try:
             await self._write_with(conn, rows, rejects, self._copy, result)
