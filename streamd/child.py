@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib
 import os
 import signal
@@ -140,7 +141,9 @@ def _metrics_function(name: str) -> Callable[..., Any] | None:
     return function if callable(function) else None
 
 
+@functools.cache
 def metrics_available() -> bool:
+    """Whether streamd.metrics can serve (asked once: the supervisor's loop asks every turn)."""
     return _metrics_function("serve_metrics") is not None
 
 
