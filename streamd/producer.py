@@ -131,53 +131,51 @@ class _Encoder:
         return flat
 
     def event_type(self, event_type: Any, index: int | None = None) -> bytes:
-        where = _where(index)
         cached = self._types.get(event_type) if isinstance(event_type, str) else None
         if cached is not None:
             return cached
         if not isinstance(event_type, str):
-            raise InvalidEvent(f"{where}type must be a str, got {type(event_type).__name__}")
+            raise _invalid(index, f"type must be a str, got {type(event_type).__name__}")
         try:
             raw = event_type.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidEvent(f"{where}type is not valid UTF-8: {exc.reason}") from None
+            raise _invalid(index, f"type is not valid UTF-8: {exc.reason}") from None
         if not raw:
-            raise InvalidEvent(f"{where}type must not be empty")
+            raise _invalid(index, "type must not be empty")
         if len(raw) > MAX_TYPE_BYTES:
-            raise InvalidEvent(
-                f"{where}type is {len(raw)} bytes of UTF-8; the limit is {MAX_TYPE_BYTES}"
+            raise _invalid(
+                index, f"type is {len(raw)} bytes of UTF-8; the limit is {MAX_TYPE_BYTES}"
             )
         if b"\x00" in raw:
-            raise InvalidEvent(f"{where}type must not contain NUL")
+            raise _invalid(index, "type must not contain NUL")
         if len(self._types) < 4096:
             self._types[event_type] = raw
         return raw
 
     def data(self, data: Any, index: int | None = None) -> bytes:
-        """dict, list and other JSON values are encoded; str and bytes are JSON text, checked."""
-        where = _where(index)
+        """dict, list and other JSON values are encoded; str and bytes are JSON text, checked
+        by parsing it (the cost of a pre-encoded payload: about what encoding a dict costs)."""
         if isinstance(data, str | bytes | bytearray | memoryview):
             raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
             try:
                 orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
-                raise InvalidEvent(f"{where}data is not valid JSON text: {exc}") from None
+                raise _invalid(index, f"data is not valid JSON text: {exc}") from None
         else:
             try:
                 raw = orjson.dumps(data)
             except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-                raise InvalidEvent(f"{where}data is not JSON-serializable: {exc}") from None
+                raise _invalid(index, f"data is not JSON-serializable: {exc}") from None
         if len(raw) > self.max_data_bytes:
-            raise InvalidEvent(
-                f"{where}data is {len(raw)} bytes; the limit is {self.max_data_bytes}"
-            )
+            raise _invalid(index, f"data is {len(raw)} bytes; the limit is {self.max_data_bytes}")
         if b"\\u0000" in raw and _NUL_ESCAPE.search(raw):
-            raise InvalidEvent(f"{where}data contains \\u0000, which Postgres' jsonb cannot store")
+            raise _invalid(index, "data contains \\u0000, which Postgres' jsonb cannot store")
         return raw
 
 
-def _where(index: int | None) -> str:
-    return "" if index is None else f"event {index}: "
+def _invalid(index: int | None, problem: str) -> InvalidEvent:
+    """The error, naming the event's position in its batch (built only when there is one)."""
+    return InvalidEvent(problem if index is None else f"event {index}: {problem}")
 
 
 def _now_ms() -> bytes:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import orjson
 import redis.exceptions
 
 from streamd.config import Settings
@@ -106,8 +105,6 @@ class SampleEvents:
             (t, make_event(t, rng)) for _ in range(pool_size // len(types) or 1) for t in types
         ]
         rng.shuffle(self.pool)
-        # The payloads as JSON text without the closing brace, for tagged (benchmark) events.
-        self._open = [(t, orjson.dumps(d)[:-1]) for t, d in self.pool]
         self._next = 0
 
     def batch(self, n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -116,18 +113,19 @@ class SampleEvents:
         pool = self.pool
         return [pool[(start + i) % len(pool)] for i in range(n)]
 
-    def tagged_batch(self, n: int, run: str, first_seq: int) -> list[tuple[str, bytes]]:
-        """Events whose payloads carry the run id, a sequence number and the send time (µs), so a
-        benchmark can find them in Postgres and measure exactly-once and latency."""
+    def tagged_batch(self, n: int, run: str, first_seq: int) -> list[tuple[str, dict[str, Any]]]:
+        """Events whose payloads also carry the run id, a sequence number and the send time (µs),
+        so a benchmark can find them in Postgres and measure exactly-once and latency."""
         start = self._next
-        self._next = (start + n) % len(self._open)
-        sent = f',"bench_run":"{run}","sent_us":{time.time_ns() // 1000},"seq":'.encode()
-        pool = self._open
+        self._next = (start + n) % len(self.pool)
+        sent_us = time.time_ns() // 1000
+        pool = self.pool
         size = len(pool)
-        out: list[tuple[str, bytes]] = []
+        out: list[tuple[str, dict[str, Any]]] = []
         for i in range(n):
-            event_type, head = pool[(start + i) % size]
-            out.append((event_type, b"".join((head, sent, str(first_seq + i).encode(), b"}"))))
+            event_type, data = pool[(start + i) % size]
+            tags = {"bench_run": run, "sent_us": sent_us, "seq": first_seq + i}
+            out.append((event_type, data | tags))
         return out
 
 
