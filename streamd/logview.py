@@ -221,6 +221,11 @@ def show_logs(
     """Print the rendered lines of `path` (None or "-": stdin); with follow, keep going."""
     out = out or sys.stdout
     if path in (None, "-"):
+        if path is None and sys.stdin.isatty():
+            raise ConfigError(
+                "no FILE given and stdin is a terminal: name a log file, or pipe logs in "
+                "(journalctl -u streamd -o cat | streamd logs)"
+            )
         stdin = sys.stdin.buffer
         chunks = _read_pipe(stdin) if isinstance(stdin, io.BufferedReader) else _read_all(stdin)
         _emit(_lines(chunks), view, out, live=True)  # a pipe may be live

@@ -203,3 +203,24 @@ def test_follow_appends_rotation_and_truncation(env: dict[str, str], tmp_path: P
         tail.stop()
     assert sum("appended" in x for x in tail.lines) == 1
     assert [x for x in tail.lines if "split_line" in x] == ["INFO    split_line"]
+
+
+def test_logs_without_a_file_at_a_terminal_says_what_to_do(env: dict[str, str]) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "streamd", "logs"],
+            env=env,
+            stdin=follower,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert result.returncode == 2, explain(result)
+    assert "pipe logs in" in result.stderr
