@@ -79,7 +79,7 @@ def _postgres_lines(snap: Snapshot) -> list[str]:
     lines = [
         "Postgres:",
         f"  Total Events: {_n(p.total_events, p.total_estimated)}",
-        f"  Events (last minute): {_n(p.events_last_minute)}",
+        f"  Events (last minute): {_n(p.events_last_minute, p.last_minute_estimated)}",
         f"  Ingest Rate: {rate}",
         f"  DLQ Count: {p.dlq_count}",
         f"  Table Size: {human_bytes(p.table_size_bytes)}",

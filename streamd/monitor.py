@@ -7,8 +7,9 @@
 Every figure is cheap to get on a big table, since a dashboard asks every few seconds: total rows
 and rows by type are exact on small tables and estimates from the planner's statistics
 (pg_class.reltuples scaled to the table's current size, pg_stats' most common values) on big
-ones; "last minute" is served by the BRIN index on ingested_at; the ingest rate is the change of
-pg_stat_user_tables.n_tup_ins between two refreshes. Every query runs under a short
+ones; "last minute" is served by the BRIN index on ingested_at (on a big table, once the monitor
+has watched for a minute, by the change of pg_stat_user_tables.n_tup_ins instead); the ingest rate
+is the change of n_tup_ins between two refreshes. Every query runs under a short
 statement_timeout, so a slow Postgres shows up as a gap, not as a frozen dashboard.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -66,6 +68,7 @@ class PostgresStats:
     total_events: int = 0
     total_estimated: bool = False
     events_last_minute: int | None = None
+    last_minute_estimated: bool = False
     events_by_type: dict[str, int] = field(default_factory=dict)
     by_type_estimated: bool = False
     dlq_count: int = 0
@@ -119,6 +122,7 @@ class Snapshot:
             "total_events": p.total_events if p else None,
             "total_events_estimated": p.total_estimated if p else None,
             "events_last_minute": p.events_last_minute if p else None,
+            "events_last_minute_estimated": p.last_minute_estimated if p else None,
             "ingest_rate": None if self.ingest_rate is None else round(self.ingest_rate, 1),
             "ingest_rate_window_s": self.ingest_rate_window_s,
             "dlq_count": p.dlq_count if p else None,
@@ -203,6 +207,7 @@ class Monitor:
         self._pg: asyncpg.Connection | None = None
         self._sampler = ProcessSampler()
         self._last_inserted: tuple[float, int] | None = None
+        self._inserted_history: deque[tuple[float, int]] = deque()
         events, dlq = quote_ident(settings.events_table), quote_ident(settings.dlq_table)
         self._events_sql, self._dlq_sql = events, dlq
 
@@ -292,10 +297,18 @@ class Monitor:
             return stats  # no schema yet: nothing ingested
         stats.table_size_bytes = table["total_bytes"]
         stats.total_events, stats.total_estimated = await self._count(conn, self._events_sql, table)
-        stats.events_last_minute = await conn.fetchval(
-            f"SELECT count(*) FROM {self._events_sql} "
-            "WHERE ingested_at > now() - interval '1 minute'"
+        stats.rows_inserted = await conn.fetchval(
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = $1", table["oid"]
         )
+        recent = self._inserted_last_minute(stats.rows_inserted)
+        if stats.total_estimated and recent is not None:
+            # A big table at a high rate: even an index scan of the last minute is heavy.
+            stats.events_last_minute, stats.last_minute_estimated = recent, True
+        else:
+            stats.events_last_minute = await conn.fetchval(
+                f"SELECT count(*) FROM {self._events_sql} "
+                "WHERE ingested_at > now() - interval '1 minute'"
+            )
         if stats.total_estimated:
             stats.events_by_type = await _types_from_stats(conn, table, stats.total_events)
             stats.by_type_estimated = True
@@ -305,9 +318,6 @@ class Monitor:
                 f"GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {TOP_TYPES}"
             )
             stats.events_by_type = {r["event_type"]: r["n"] for r in rows}
-        stats.rows_inserted = await conn.fetchval(
-            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = $1", table["oid"]
-        )
         dlq = await _table_info(conn, self.settings.dlq_table)
         if dlq is not None:
             stats.dlq_count = (await self._count(conn, self._dlq_sql, dlq))[0]
@@ -315,6 +325,21 @@ class Monitor:
         return stats
 
     get_postgres_stats = postgres_stats
+
+    def _inserted_last_minute(self, inserted: int | None) -> int | None:
+        """Rows inserted in the last minute from n_tup_ins samples this monitor took, once it
+        has one at least a minute old (scaled to exactly 60 s); None before that."""
+        now = time.monotonic()
+        history = self._inserted_history
+        if inserted is None:
+            return None
+        history.append((now, inserted))
+        while len(history) > 2 and now - history[1][0] >= 60:
+            history.popleft()  # keep one sample a minute old or older, and everything newer
+        then, before = history[0]
+        if now - then < 60:
+            return None
+        return max(0, round((inserted - before) * 60 / (now - then)))
 
     async def _count(
         self, conn: asyncpg.Connection, table_sql: str, info: asyncpg.Record

@@ -200,3 +200,19 @@ async def test_monitor_api_estimates_on_big_tables(
     assert estimated.total_events == pytest.approx(300, rel=0.2)
     assert estimated.events_by_type.keys() == {"order_placed", "user_created"}
     assert estimated.events_by_type["order_placed"] == pytest.approx(200, rel=0.2)
+
+
+def test_last_minute_from_insert_counters_once_a_minute_was_watched(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a big table the dashboard stops counting the last minute's rows once it has its own
+    n_tup_ins samples a minute apart."""
+    clock = [1000.0]
+    monkeypatch.setattr(streamd.monitor.time, "monotonic", lambda: clock[0])
+    m = Monitor(settings)
+    seen = []
+    for inserted in range(0, 100_000, 5_000):  # 5,000 rows every 5 s: 1,000 rows/s
+        seen.append(m._inserted_last_minute(inserted))
+        clock[0] += 5
+    assert seen[:12] == [None] * 12  # less than a minute watched
+    assert seen[12:] == [60_000] * 8
