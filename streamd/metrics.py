@@ -22,6 +22,7 @@ import bisect
 import json
 import os
 import signal
+import socket
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
@@ -304,6 +305,8 @@ class MetricsServer(ThreadingHTTPServer):
         if multiproc_dir:
             MultiProcessCollector(self.registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
         self.registry.register(PipelineCollector(settings, state_file))
+        if ":" in settings.metrics_host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__((settings.metrics_host, settings.metrics_port), _Handler)
 
 

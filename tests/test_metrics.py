@@ -205,3 +205,22 @@ def test_the_metrics_child_goes_away_with_the_supervisor(
         return False
 
     wait_until(port_closed, timeout=30)
+
+
+def test_metrics_on_ipv6_loopback(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = int(s.getsockname()[1])
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    serve = start_serve(environ=metric_env(env, port, procs=1) | {"STREAMD_METRICS_HOST": "::1"})
+    serve.wait_ready(1)
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=10) as resp:
+            return bool(resp.status == 200)
+
+    wait_until(healthy, timeout=30, ignore=(OSError,))
