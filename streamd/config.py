@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 from streamd.errors import ConfigError
 
@@ -449,10 +449,13 @@ def _check_whole(s: Settings, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{where('retry_max_s')}: must be >= retry_initial_s")
     if s.dead_stream == s.stream:
         raise ConfigError(f"{where('dlq_stream')}: must differ from stream")
+    tls = urlsplit(s.redis_url).scheme == "rediss"
     for key in ("redis_ca_file", "redis_cert_file", "redis_key_file"):
         path = getattr(s, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"{where(key)}: file {path} not found")
+        if path and not tls:  # else the operator believes in TLS while we talk in clear
+            raise ConfigError(f"{where(key)}: TLS files need a rediss:// redis_url")
     if not s.metrics_host:
         raise ConfigError(f"{where('metrics_host')}: must not be empty")
     try:
@@ -474,6 +477,45 @@ def _check_url(url: str, schemes: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}: {mask_url(url)!r} has no host")
     if port == 0:
         raise ConfigError(f"{where}: {mask_url(url)!r} has port 0")
+    if parts.scheme.startswith("postgres"):
+        _check_postgres_tls(parse_qs(parts.query), where)
+    else:
+        _check_redis_url(
+            parts.scheme, parts.path, parse_qs(parts.query), f"{where}: {mask_url(url)!r}"
+        )
+
+
+def _check_redis_url(scheme: str, path: str, query: dict[str, list[str]], where: str) -> None:
+    """What redis-py would otherwise ignore (a bad db: database 0 instead) or fail on later (an
+    unknown parameter: a crash in every worker). Timeouts and TLS come from streamd's own keys,
+    so the URL may not override them."""
+    if scheme == "unix" and not path:
+        raise ConfigError(f"{where} has no socket path (unix:///path/to/redis.sock)")
+    if scheme != "unix" and not re.fullmatch(r"/?|/\d+", path):
+        raise ConfigError(f"{where}: the path must be a database number, as in /0")
+    for name, values in query.items():
+        if name != "db":
+            raise ConfigError(
+                f"{where}: URL parameter {name!r} is not supported (only db; timeouts and TLS "
+                "are redis_timeout_s and redis_ca_file/redis_cert_file/redis_key_file)"
+            )
+        if not all(v.isdigit() for v in values):
+            raise ConfigError(f"{where}: db must be a database number")
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_postgres_tls(query: dict[str, list[str]], where: str) -> None:
+    """The DSN's TLS options, checked here so a typo is a config error (exit 2), not a failed
+    connection at start that looks like an outage."""
+    for mode in query.get("sslmode", []):
+        if mode not in _SSLMODES:
+            raise ConfigError(f"{where}: sslmode={mode!r} must be one of {', '.join(_SSLMODES)}")
+    for name in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
+        for path in query.get(name, []):
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"{where}: {name}: file {path} not found")
 
 
 def mask_url(url: str) -> str:
