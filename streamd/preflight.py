@@ -20,6 +20,7 @@ import redis.exceptions
 from streamd.config import Settings
 from streamd.connections import describe_postgres, describe_redis, postgres_connect, redis_client
 from streamd.errors import BootError, ServiceUnavailable, StreamdError
+from streamd.grants import privilege_problem, schema_exists
 from streamd.retry import describe
 from streamd.schema import apply_schema
 from streamd.streams import ensure_group
@@ -85,7 +86,12 @@ async def check_redis(settings: Settings, *, create_group: bool = True) -> None:
     await _with_startup_wait(settings, attempt)
 
 
-async def check_postgres(settings: Settings, *, init_schema: bool = True) -> None:
+async def check_postgres(
+    settings: Settings, *, init_schema: bool = True, serving: bool = False
+) -> None:
+    """Connect and apply the schema. serving: the role may be one that cannot create (the owner
+    ran `streamd db init`), but must hold every privilege serve needs (grants.py)."""
+
     async def attempt() -> None:
         try:
             conn = await postgres_connect(settings)
@@ -99,16 +105,36 @@ async def check_postgres(settings: Settings, *, init_schema: bool = True) -> Non
             raise postgres_error(settings, exc) from None
         try:
             if init_schema:
-                await apply_schema(conn, settings)
+                await _apply_schema(conn, settings, may_use_existing=serving)
+            problem = await privilege_problem(conn, settings) if serving else None
         except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
             raise postgres_error(settings, exc, "apply the schema") from None
         finally:
             await conn.close(timeout=5)
+        if problem is not None:
+            raise BootError(f"Postgres at {describe_postgres(settings)}: {problem}")
 
     await _with_startup_wait(settings, attempt)
 
 
+async def _apply_schema(
+    conn: asyncpg.Connection, settings: Settings, *, may_use_existing: bool
+) -> None:
+    try:
+        await apply_schema(conn, settings)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # A least-privilege role cannot run CREATE ... IF NOT EXISTS even when the tables exist
+        # (Postgres checks CREATE on the schema first): it uses the owner's tables as they are.
+        if may_use_existing and await schema_exists(conn, settings):
+            return
+        raise BootError(
+            f"Postgres at {describe_postgres(settings)}: cannot apply the schema: "
+            f"{describe(exc)} (run `streamd db init` as a role that may create the tables; "
+            "see conf/least-privilege.sql)"
+        ) from None
+
+
 async def preflight(settings: Settings) -> None:
     """Everything `serve` needs before it consumes: both services, the schema, the group."""
-    await check_postgres(settings)
+    await check_postgres(settings, serving=True)
     await check_redis(settings)
