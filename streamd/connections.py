@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -20,6 +21,41 @@ from streamd.config import Settings, mask_url
 
 def _identity(response: Any, **_options: Any) -> Any:
     return response
+
+
+class _ClosedTransportIsConnectionError:
+    """A command written to a connection that the peer reset while it sat idle raises, under
+    uvloop, RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler
+    is closed") where asyncio raises an OSError. redis-py has already dropped the connection by
+    then; report it as the lost connection it is, so the caller's retry reconnects instead of the
+    worker crashing (found by tests/test_hung.py, network cut through a proxy)."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:
+            if "closed" not in str(exc):
+                raise
+            raise redis.exceptions.ConnectionError(f"connection lost: {exc}") from None
+
+
+class _Connection(_ClosedTransportIsConnectionError, aioredis.Connection):
+    pass
+
+
+class _SSLConnection(_ClosedTransportIsConnectionError, aioredis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_ClosedTransportIsConnectionError, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+_CONNECTION_CLASSES: dict[type[Any], type[Any]] = {
+    aioredis.Connection: _Connection,
+    aioredis.SSLConnection: _SSLConnection,
+    aioredis.UnixDomainSocketConnection: _UnixConnection,
+}
 
 
 # Replies streamd parses itself, per batch: redis-py's callbacks would build a dict per entry.
@@ -56,6 +92,8 @@ def redis_client(
         if settings.redis_key_file:
             kwargs["ssl_keyfile"] = settings.redis_key_file
     client = aioredis.Redis.from_url(settings.redis_url, **kwargs)
+    pool = client.connection_pool  # no connection exists yet: they are made on first use
+    pool.connection_class = _CONNECTION_CLASSES.get(pool.connection_class, pool.connection_class)
     for command in RAW_REPLY_COMMANDS:
         client.set_response_callback(command, _identity)
     return client
