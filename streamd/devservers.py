@@ -421,9 +421,14 @@ class _Server:
     def pause(self) -> None:
         """SIGSTOP the server and its children: connections hang, nothing is refused."""
         pid = self._require_pid("pause")
-        _signal([pid, *descendants(pid)], signal.SIGSTOP)
-        deadline = time.monotonic() + 5.0  # signals arrive asynchronously: wait for the stop
-        while _state(pid) not in ("T", None) and time.monotonic() < deadline:
+        pids = [pid, *descendants(pid)]
+        _signal(pids, signal.SIGSTOP)
+        # Signals arrive asynchronously: wait until every process (a backend, too, may still be
+        # answering a query on a busy machine) has stopped, or is gone.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(
+            _state(p) not in ("T", "t", "Z", None) for p in pids
+        ):
             time.sleep(0.001)
 
     def resume(self) -> None:
