@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,6 +27,7 @@ from tests.helpers import (
     wait_until,
     xadd,
 )
+from tests.load import producing
 from tests.streamd_cli import run_streamd
 
 REDIS_CLI = shutil.which("redis-cli")
@@ -154,39 +153,6 @@ def test_sigterm_flushes_what_it_holds_and_exits_0(
     assert serve.terminate() == 0
 
 
-class Producer(threading.Thread):
-    """A plain redis-py producer at a steady pace, riding out Redis outages like a real app
-    would (retrying the same event until Redis takes it)."""
-
-    def __init__(self, url: str, per_tick: int = 20, tick_s: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.url, self.per_tick, self.tick_s = url, per_tick, tick_s
-        self.ids: list[str] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            batch = [event("order_placed", {"n": n + i}) for i in range(self.per_tick)]
-            try:
-                self.ids += xadd(self.url, batch)
-                n += self.per_tick
-            except Exception:  # Redis restarting: try the same batch again
-                time.sleep(0.05)
-            time.sleep(self.tick_s)
-
-
-@contextmanager
-def producing(url: str) -> Iterator[Producer]:
-    producer = Producer(url)
-    producer.start()
-    try:
-        yield producer
-    finally:
-        producer.stop.set()
-        producer.join(10)
-
-
 def private_env(
     env: dict[str, str], redis: RedisServer | None = None, postgres: PostgresServer | None = None
 ) -> dict[str, str]:
@@ -208,7 +174,7 @@ def test_postgres_stopped_and_restarted_mid_run_loses_nothing(
     environ["STREAMD_RETRY_MAX_S"] = "0.5"
     serve = start_serve(environ=environ)
     serve.wait_ready()
-    with producing(environ["STREAMD_REDIS_URL"]) as producer:
+    with producing(environ["STREAMD_REDIS_URL"], rate=2000, batch=20) as producer:
         wait_until(lambda: count_rows(postgres.dsn) > 200, timeout=30)
         postgres.stop()
         wait_until(lambda: serve.events("write_retrying"), timeout=30, message=serve.tail(40))
@@ -234,7 +200,7 @@ def test_redis_restarted_mid_run_loses_nothing(
     dsn = environ["STREAMD_POSTGRES_DSN"]
     serve = start_serve(environ=environ)
     serve.wait_ready()
-    with producing(redis.url) as producer:
+    with producing(redis.url, rate=2000, batch=20) as producer:
         wait_until(lambda: count_rows(dsn, missing_ok=True) > 200, timeout=30)
         redis.restart()
         produced_before_restart = len(producer.ids)
