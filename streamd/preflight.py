@@ -35,6 +35,18 @@ _PG_BOOT_ERRORS = (
 )
 
 
+# What a connection that fails at start can raise. A connection cut mid-query (a network reset,
+# a server killed) surfaces as InterfaceError or InternalClientError ("cannot switch to state
+# 15; another operation is in progress"): an outage (69), not a crash with a traceback.
+_PG_FAILURES = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions._base.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+
 def postgres_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:
     target = f"Postgres at {describe_postgres(settings)}"
     if isinstance(exc, (*_PG_BOOT_ERRORS, ssl.SSLError, ValueError)):  # ValueError: a bad DSN
@@ -95,22 +107,21 @@ async def check_postgres(
     async def attempt() -> None:
         try:
             conn = await postgres_connect(settings)
-        except (
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            OSError,
-            TimeoutError,
-            ValueError,
-        ) as exc:
+        except (*_PG_FAILURES, ValueError) as exc:
             raise postgres_error(settings, exc) from None
         try:
             if init_schema:
                 await _apply_schema(conn, settings, may_use_existing=serving)
             problem = await privilege_problem(conn, settings) if serving else None
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
-            raise postgres_error(settings, exc, "apply the schema") from None
-        finally:
+        except BaseException as exc:
+            conn.terminate()  # maybe cut mid-query: a polite close could fail (or hang) too
+            if isinstance(exc, _PG_FAILURES):
+                raise postgres_error(settings, exc, "apply the schema") from None
+            raise
+        try:
             await conn.close(timeout=5)
+        except _PG_FAILURES:
+            conn.terminate()
         if problem is not None:
             raise BootError(f"Postgres at {describe_postgres(settings)}: {problem}")
 
