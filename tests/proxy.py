@@ -148,6 +148,13 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
         await self._drop()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        # Transports finish closing on a later turn of the loop: let them, before it stops
+        # (else their sockets are only closed by the garbage collector, with a ResourceWarning).
+        await asyncio.sleep(0.05)
 
     async def _drop(self) -> int:
         links = list(self._links)
