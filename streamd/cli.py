@@ -107,7 +107,7 @@ def _procs(value: str | None) -> str | None:
     "--batch-size",
     type=click.IntRange(1),
     metavar="N",
-    help="Events per batch (default 500). Env STREAMD_BATCH_SIZE.",
+    help="Events per batch (default 2000). Env STREAMD_BATCH_SIZE.",
 )
 @click.option(
     "--metrics-port",

@@ -79,11 +79,15 @@ class Settings:
     )
     tasks: int = _opt(5, "Consumer tasks per worker process.", min=1, max=256)
     # --- batching ---
-    batch_size: int = _opt(500, "Flush a batch when it holds this many events.", min=1, max=100_000)
+    batch_size: int = _opt(
+        2000, "Flush a batch when it holds this many events.", min=1, max=100_000
+    )
     batch_timeout_s: float = _opt(
         2.0, "Flush a partial batch after this long (a drained stream flushes at once).", min=0.001
     )
-    read_count: int = _opt(100, "Entries asked for per XREADGROUP (COUNT).", min=1, max=100_000)
+    read_count: int = _opt(
+        2000, "Entries asked for per XREADGROUP (COUNT; at most batch_size).", min=1, max=100_000
+    )
     block_ms: int = _opt(
         5000, "How long an idle XREADGROUP waits for new entries (BLOCK).", min=1, max=600_000
     )

@@ -126,7 +126,16 @@ async def postgres_connect(settings: Settings) -> asyncpg.Connection:
 async def postgres_pool(settings: Settings, size: int) -> asyncpg.Pool:
     # min_size=0: no background reconnect loop of the pool's own during an outage; streamd's
     # retries (with backoff and one log line each) decide when to try again.
-    return await asyncpg.create_pool(min_size=0, max_size=size, **postgres_kwargs(settings))
+    # reset: asyncpg's default runs a query (RESET ALL, UNLISTEN, ...) on every release, a round
+    # trip per batch; streamd changes no session state, and an open transaction is still
+    # rolled back by the pool before any reset hook runs.
+    return await asyncpg.create_pool(
+        min_size=0, max_size=size, reset=_keep_session, **postgres_kwargs(settings)
+    )
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo."""
 
 
 def describe_redis(settings: Settings) -> str:

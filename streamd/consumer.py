@@ -144,12 +144,16 @@ class Consumer:
         self.stream = stream
         self.writer = writer
         self.log = get_logger(consumer=stream.consumer)
-        self.client_id: int | None = None  # Redis CLIENT ID of the read connection, for waking
         self._stopping = asyncio.Event()
         # After a lost connection, Redis may have delivered entries whose reply never arrived:
         # they are pending under this consumer's name. Take them back before reading new ones,
         # rather than leaving them to the reaper's claim_min_idle_ms.
         self._check_own_pending = False
+
+    @property
+    def client_id(self) -> int | None:
+        """CLIENT ID of the read connection, to wake a blocked read with CLIENT UNBLOCK."""
+        return self.stream.client_id
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from run(). Pair with a CLIENT UNBLOCK."""
@@ -165,7 +169,6 @@ class Consumer:
             try:
                 entries = await self._fill_batch()
             except TRANSIENT_ERRORS as exc:
-                self.client_id = None  # a new connection will have a new id
                 self._check_own_pending = True
                 if is_nogroup(exc):
                     await ensure_group(self.stream.client, self.stream.stream, self.stream.group)
@@ -195,8 +198,6 @@ class Consumer:
             if entries:
                 got = await self.stream.read(count, None)
             else:
-                if self.client_id is None:
-                    self.client_id = await self.stream.client_id()
                 if self.stopping:
                     break
                 got = await self.stream.read(count, s.block_ms)

@@ -104,6 +104,10 @@ class PostgresSink:
             "ON CONFLICT (stream, entry_id) DO NOTHING"
         )
 
+    def copy_source(self, rows: list[Row]) -> memoryview:
+        """The binary COPY stream this sink sends for rows."""
+        return encode_copy(self._row_start, rows)
+
     async def write(
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
@@ -172,7 +176,7 @@ class PostgresSink:
     async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> int:
         await conn.copy_to_table(
             self.events_table,
-            source=encode_copy(self._row_start, rows),
+            source=self.copy_source(rows),
             columns=_COLUMNS,
             format="binary",
         )
@@ -182,7 +186,7 @@ class PostgresSink:
         await conn.execute(self._stage_create)
         await conn.copy_to_table(
             _STAGE,
-            source=encode_copy(self._row_start, rows),
+            source=self.copy_source(rows),
             columns=_COLUMNS,
             format="binary",
         )

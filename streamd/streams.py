@@ -1,16 +1,21 @@
 """The Redis side of a batch: the consumer group, reading, and acknowledging (with dead letters).
 
 Replies of XREADGROUP and XAUTOCLAIM arrive as hiredis parsed them (lists of bytes); streamd
-never builds a dict per entry.
+never builds a dict per entry. A consumer's reads and acks go over a connection of its own,
+driven directly (RawConnection): hiredis packs each command in C, where redis-py's client layer
+packs arguments one at a time in Python, which for a batch's XACK costs more than Redis itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
 
 from streamd import dlq
 from streamd.envelope import RawEntry, Rejection
@@ -40,8 +45,60 @@ def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
 
 
+class RawConnection:
+    """One Redis connection of its own, made with the client's settings (auth, TLS, db, timeouts).
+
+    Commands are serialized by a lock (a consumer's lease renewal shares the connection with its
+    reads and acks). A command cut off by a timeout, an error or a cancellation drops the
+    connection, so a late reply can never be read as the answer to the next command; the next
+    command reconnects. `client_id` is the current connection's CLIENT ID, for CLIENT UNBLOCK.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: AbstractConnection | None = None
+        self._lock = asyncio.Lock()
+        self.client_id: int | None = None
+
+    async def call(self, *args: Any) -> Any:
+        async with self._lock:
+            try:
+                if self._conn is None:
+                    # Checked out of the client's pool and kept: closing the client closes it.
+                    self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                conn = self._conn
+                if not conn.is_connected:
+                    self.client_id = None
+                    await conn.connect()
+                if self.client_id is None:
+                    self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
+                return await self._exchange(conn, args)
+            except redis.exceptions.ResponseError:
+                raise  # an error reply: the connection is in step and stays
+            except BaseException:
+                self.client_id = None
+                if self._conn is not None:
+                    await self._conn.disconnect(nowait=True)
+                raise
+
+    @staticmethod
+    async def _exchange(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
+        await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
+        return await conn.read_response(disable_decoding=True)
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await self._conn.disconnect(nowait=True)
+            await self._pool.release(self._conn)
+            self._conn = None
+
+
 class GroupStream:
-    """One consumer's view of the stream: read new entries, acknowledge committed ones."""
+    """One consumer's view of the stream: read new entries, acknowledge committed ones.
+
+    `client` serves the rare commands (dead-letter scripts); reads, acks and lease renewals use
+    a connection of this consumer's own, made from the client's pool settings.
+    """
 
     def __init__(
         self,
@@ -60,6 +117,15 @@ class GroupStream:
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
         self._dead_letter = client.register_script(dlq.ACK_AND_DEAD_LETTER)
+        self.raw = RawConnection(client)
+
+    @property
+    def client_id(self) -> int | None:
+        """CLIENT ID of this consumer's connection (None until it connects)."""
+        return self.raw.client_id
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
 
     async def read(
         self, count: int, block_ms: int | None, *, own_pending: bool = False
@@ -69,11 +135,11 @@ class GroupStream:
         own_pending: instead, the oldest entries already delivered to this consumer and not yet
         acknowledged (XREADGROUP ... 0).
         """
-        args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
+        args: tuple[Any, ...] = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count)
         if block_ms is not None:
-            args += ["BLOCK", block_ms]
-        args += ["STREAMS", self.stream, "0" if own_pending else ">"]
-        reply = await command(self.client, *args)
+            args += ("BLOCK", block_ms)
+        args += ("STREAMS", self.stream, "0" if own_pending else ">")
+        reply = await self.raw.call(*args)
         if not reply:
             return []
         # RESP2: [[stream, entries]]; RESP3 would be {stream: entries}.
@@ -85,28 +151,18 @@ class GroupStream:
         Returns how many dead letters this call wrote to the dead stream: an entry another
         consumer already acknowledged (it was reclaimed and committed twice) is not written again.
         """
-        ids = list(ids)
+        ids = tuple(ids)
+        if ids:
+            await self.raw.call("XACK", self.stream, self.group, *ids)
         if not dead:
-            if ids:
-                await self.client.xack(self.stream, self.group, *ids)
             return 0
-        async with self.client.pipeline(transaction=False) as pipe:
-            if ids:
-                pipe.xack(self.stream, self.group, *ids)
-            await self._dead_letter(
-                keys=[self.stream, self.dead_stream],
-                args=dlq.script_args(self.group, self.dead_maxlen, dead),
-                client=pipe,
-            )
-            replies = await pipe.execute()
-        return int(replies[-1])
+        written = await self._dead_letter(
+            keys=[self.stream, self.dead_stream],
+            args=dlq.script_args(self.group, self.dead_maxlen, dead),
+        )
+        return int(written)
 
     async def renew(self, ids: list[bytes]) -> None:
         """Reset the idle time of entries this consumer holds (XCLAIM JUSTID does not count as a
         delivery), so reapers elsewhere do not take over a batch that is slow, not abandoned."""
-        await command(
-            self.client, "XCLAIM", self.stream, self.group, self.consumer, 0, *ids, "JUSTID"
-        )
-
-    async def client_id(self) -> int:
-        return int(await self.client.client_id())
+        await self.raw.call("XCLAIM", self.stream, self.group, self.consumer, 0, *ids, "JUSTID")

@@ -1,0 +1,513 @@
+"""streamd's benchmarks, side by side with the seed's design and the raw COPY limit, in one run,
+on the same private Redis and Postgres, printing one table.
+
+    uv run python -m bench                     # everything (about 25 minutes on 2 cores)
+    uv run python -m bench --quick             # smaller and shorter, for a first look
+    uv run python -m bench --only drain --repeat 5
+
+Sections:
+- drain: the same pre-filled stream (--events, default 500,000 events of the seed's five types,
+  ~125-byte JSON payloads) drained by the seed design, by `streamd serve` with its defaults, and
+  written by parallel binary COPY with no Redis at all (the ceiling). Median events/s, ratios.
+- sustained: a producer (`streamd bench`, its own process) at increasing rates for --duration
+  seconds each; the highest rate each contender keeps up with (lag bounded to one second of events,
+  nothing lost or duplicated, p99 end-to-end latency <= 500 ms), with p50/p99 at that rate and at
+  1,000 and 10,000 events/s. Latency is producer send time -> Postgres commit time
+  (track_commit_timestamp is on in the bench server).
+- memory: RSS of each streamd child and Redis memory while draining a 1,000,000-entry backlog.
+
+Servers: a private Redis (AOF, appendfsync everysec) and PostgreSQL (fsync on, defaults otherwise)
+under bench/.work, unless --redis-url and --postgres-dsn name others (their data is wiped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import psutil
+import redis
+
+from bench.raw_copy import copy_parallel, make_rows
+from streamd.config import load_settings
+from streamd.devservers import PostgresServer, RedisServer, initdb
+from streamd.producer import Producer
+from streamd.samples import SampleEvents
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / ".work"
+P99_BOUND_MS = 500.0
+DEFAULT_RATES = (1_000, 10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 140_000)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the lab: servers, data, contenders
+
+
+@dataclass
+class Lab:
+    redis_url: str
+    dsn: str
+    logs: Path
+    servers: list[Any] = field(default_factory=list)
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, redis_url: str | None, dsn: str | None) -> Iterator[Lab]:
+        WORK.mkdir(parents=True, exist_ok=True)
+        logs = WORK / "logs"
+        logs.mkdir(exist_ok=True)
+        if redis_url and dsn:
+            yield cls(redis_url, dsn, logs)
+            return
+        shutil.rmtree(WORK / "redis", ignore_errors=True)
+        shutil.rmtree(WORK / "pg", ignore_errors=True)
+        rs = RedisServer(WORK / "redis", appendfsync="everysec")
+        template = initdb(WORK / "pg-template") if not (WORK / "pg-template").exists() else None
+        pg = PostgresServer(
+            WORK / "pg",
+            template=template or WORK / "pg-template",
+            fsync=True,
+            settings={"track_commit_timestamp": "on", "max_connections": "200"},
+        )
+        lab = cls(rs.start().url, pg.start().dsn, logs, [rs, pg])
+        try:
+            yield lab
+        finally:
+            for server in lab.servers:
+                server.stop()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
+        empty = WORK / "empty.toml"
+        empty.write_text("")
+        return (
+            base
+            | {
+                "STREAMD_REDIS_URL": self.redis_url,
+                "STREAMD_POSTGRES_DSN": self.dsn,
+                "STREAMD_CONFIG": str(empty),
+                "STREAMD_METRICS_PORT": "0",
+                "STREAMD_STATE_DIR": str(WORK / "state"),
+                "STREAMD_LOG_FORMAT": "json",
+            }
+            | extra
+        )
+
+    def reset(self) -> None:
+        """Empty stream, groups and tables; the schema as `streamd db init` makes it."""
+        with redis.Redis.from_url(self.redis_url) as r:
+            r.flushdb()
+        asyncio.run(self._reset_pg())
+        run_quiet([sys.executable, "-m", "streamd", "db", "init"], self.env())
+
+    async def _reset_pg(self) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute("DROP TABLE IF EXISTS events, dead_letter_queue")
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
+
+    def fill(self, n: int) -> None:
+        """Pre-fill the stream with n sample events."""
+        asyncio.run(self._fill(sample_payloads(n)))
+
+    async def _fill(self, payloads: list[tuple[str, bytes]]) -> None:
+        async with Producer(self.redis_url, stream="events", max_backlog=None) as producer:
+            for i in range(0, len(payloads), 10_000):
+                await producer.produce_batch(payloads[i : i + 10_000])
+
+    def group(self, name: str) -> dict[str, Any] | None:
+        with redis.Redis.from_url(self.redis_url, decode_responses=True) as r:
+            for group in r.xinfo_groups("events"):
+                if group["name"] == name:
+                    return dict(group)
+        return None
+
+    def count(self) -> tuple[int, int]:
+        async def go() -> tuple[int, int]:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                row = await conn.fetchrow("SELECT count(*), count(DISTINCT entry_id) FROM events")
+                return int(row[0]), int(row[1])
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+
+def sample_payloads(n: int) -> list[tuple[str, bytes]]:
+    """n (type, JSON payload) pairs of the seed's five types, ~125 bytes each (a sequence number
+    makes each one unique), the same every run."""
+    samples = SampleEvents(seed=42)
+    events = [(t, orjson.dumps(d)[:-1]) for t, d in samples.batch(len(samples.pool))]
+    return [
+        (t, b'%s,"seq":%d}' % (head, i))
+        for i, (t, head) in enumerate(events[i % len(events)] for i in range(n))
+    ]
+
+
+def run_quiet(argv: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
+
+
+@dataclass
+class Contender:
+    name: str
+    group: str
+
+    def start(self, lab: Lab, tag: str) -> subprocess.Popen[bytes]:
+        log = open(lab.logs / f"{self.name}-{tag}.log", "wb")  # noqa: SIM115 - lives with proc
+        if self.name == "streamd":
+            argv = [sys.executable, "-m", "streamd", "serve"]
+        else:
+            argv = [sys.executable, "-m", "bench.seed_baseline", lab.redis_url, lab.dsn]
+        return subprocess.Popen(
+            argv, env=lab.env(), stdout=log, stderr=log, cwd=ROOT, start_new_session=True
+        )
+
+
+SEED = Contender("seed design", "seed")
+STREAMD = Contender("streamd", "streamd")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# drain
+
+
+def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> float:
+    """Events/s for one drain of n pre-filled events, from the first read to the last ack."""
+    lab.reset()
+    lab.fill(n)
+    proc = contender.start(lab, tag)
+    first: tuple[float, int] | None = None
+    try:
+        while True:
+            group = lab.group(contender.group)
+            now = time.perf_counter()
+            if group is not None:
+                read = int(group.get("entries-read") or 0)
+                if first is None and read > 0:
+                    first = (now, int(group["pending"]))  # acked at first sight: ~0
+                if read >= n and group["pending"] == 0:
+                    break
+            if proc.poll() is not None:
+                raise SystemExit(f"{contender.name} exited early; see {lab.logs}")
+            time.sleep(0.01)
+    finally:
+        stop(proc)
+    assert first is not None
+    total, distinct = lab.count()
+    if total != n or distinct != n:
+        raise SystemExit(f"{contender.name}: {total} rows ({distinct} distinct), expected {n}")
+    return n / (now - first[0])
+
+
+def drain_raw(lab: Lab, n: int) -> float:
+    lab.reset()
+    rows = make_rows(sample_payloads(n), first_ms=int(time.time() * 1000))
+    seconds = asyncio.run(copy_parallel(lab.dsn, rows, connections=psutil.cpu_count() or 2))
+    total, distinct = lab.count()
+    if total != n or distinct != n:
+        raise SystemExit(f"raw COPY: {total} rows ({distinct} distinct), expected {n}")
+    return n / seconds
+
+
+@dataclass
+class DrainResult:
+    rates: dict[str, list[float]]
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.rates[name])
+
+
+def bench_drain(lab: Lab, n: int, repeat: int) -> DrainResult:
+    rates: dict[str, list[float]] = {"seed design": [], "streamd": [], "raw parallel COPY": []}
+    for i in range(repeat):  # interleaved, so drift on a shared machine hits all three alike
+        for contender in (SEED, STREAMD):
+            rate = drain_once(lab, contender, n, f"drain{i}")
+            rates[contender.name].append(rate)
+            say(f"  drain {i + 1}/{repeat} {contender.name}: {rate:,.0f} events/s")
+        rate = drain_raw(lab, n)
+        rates["raw parallel COPY"].append(rate)
+        say(f"  drain {i + 1}/{repeat} raw parallel COPY: {rate:,.0f} events/s")
+    return DrainResult(rates)
+
+
+# ---------------------------------------------------------------------------------------------
+# sustained
+
+
+@dataclass
+class Step:
+    rate: int
+    actual_rate: float
+    p50: float | None
+    p99: float | None
+    peak_lag: int | None
+    lost: int
+    duplicated: int
+
+    @property
+    def kept_up(self) -> bool:
+        lag_ok = self.peak_lag is not None and self.peak_lag <= max(self.rate, 1000)
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and lag_ok
+            and self.actual_rate >= 0.97 * self.rate
+            and self.p99 is not None
+            and self.p99 <= P99_BOUND_MS
+        )
+
+
+def sustained_step(lab: Lab, contender: Contender, rate: int, duration: float) -> Step:
+    lab.reset()
+    proc = contender.start(lab, f"rate{rate}")
+    try:
+        deadline = time.monotonic() + 30
+        while lab.group(contender.group) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # consumers connected and blocking
+        argv = [
+            sys.executable,
+            "-m",
+            "streamd",
+            "bench",
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+            "--json",
+        ]
+        done = subprocess.run(
+            argv,
+            env=lab.env(STREAMD_GROUP=contender.group),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        stop(proc)
+    try:
+        out = orjson.loads(done.stdout)
+    except orjson.JSONDecodeError:
+        raise SystemExit(f"streamd bench failed:\n{done.stdout}\n{done.stderr}") from None
+    latency = out.get("latency_ms") or {}
+    return Step(
+        rate,
+        float(out["actual_rate"] or 0),
+        latency.get("p50"),
+        latency.get("p99"),
+        out.get("peak_lag"),
+        int(out["lost"]),
+        int(out["duplicated"]),
+    )
+
+
+def bench_sustained(lab: Lab, rates: list[int], duration: float) -> dict[str, list[Step]]:
+    results: dict[str, list[Step]] = {}
+    for contender in (SEED, STREAMD):
+        steps: list[Step] = []
+        for rate in rates:
+            step = sustained_step(lab, contender, rate, duration)
+            steps.append(step)
+            say(
+                f"  {contender.name} @ {rate:,}/s: actual {step.actual_rate:,.0f}/s, "
+                f"p50 {step.p50} ms, p99 {step.p99} ms, peak lag {step.peak_lag}, "
+                f"lost {step.lost}, dup {step.duplicated} -> "
+                f"{'kept up' if step.kept_up else 'fell behind'}"
+            )
+            if not step.kept_up and rate > 10_000:
+                break
+        results[contender.name] = steps
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+@dataclass
+class Memory:
+    backlog: int
+    child_rss_mb: float
+    redis_before_mb: float
+    redis_after_mb: float
+    xlen_after: int
+
+
+def bench_memory(lab: Lab, backlog: int) -> Memory:
+    lab.reset()
+    lab.fill(backlog)
+    with redis.Redis.from_url(lab.redis_url) as r:
+        before = int(r.info("memory")["used_memory"])
+    proc = STREAMD.start(lab, "memory")
+    peak = 0
+    try:
+        while True:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    peak = max(peak, child.memory_info().rss)
+            group = lab.group(STREAMD.group)
+            if group and int(group.get("entries-read") or 0) >= backlog and not group["pending"]:
+                break
+            time.sleep(0.1)
+        time.sleep(6)  # one reaper round: trimming runs every reaper_interval_s
+        with redis.Redis.from_url(lab.redis_url) as r:
+            after = int(r.info("memory")["used_memory"])
+            xlen = int(r.xlen("events"))
+    finally:
+        stop(proc)
+    mb = 1024 * 1024
+    return Memory(backlog, peak / mb, before / mb, after / mb, xlen)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+
+
+def report(
+    args: argparse.Namespace,
+    drain: DrainResult | None,
+    sustained: dict[str, list[Step]] | None,
+    memory: Memory | None,
+) -> str:
+    lines = [
+        f"streamd benchmark — {machine()} — Redis, Postgres, producer and consumers "
+        "share these cores",
+        "",
+    ]
+    if drain:
+        seed, raw = drain.median("seed design"), drain.median("raw parallel COPY")
+        lines += [
+            f"drain: {args.events:,} pre-filled events, median of {args.repeat}",
+            f"  {'contender':<20}{'events/s':>12}{'vs seed':>10}{'vs raw COPY':>13}",
+        ]
+        for name in ("seed design", "streamd", "raw parallel COPY"):
+            rate = drain.median(name)
+            lines.append(f"  {name:<20}{rate:>12,.0f}{rate / seed:>9.2f}x{rate / raw:>12.2f}x")
+        lines.append("")
+    if sustained:
+        lines += [
+            f"sustained: producer at a fixed rate for {args.duration:g} s per step "
+            f"(kept up = lag <= 1 s of events, p99 <= {P99_BOUND_MS:g} ms, nothing lost)",
+            f"  {'contender':<14}{'max kept up':>13}{'p50/p99 there':>18}"
+            f"{'p99 @1k/s':>12}{'p99 @10k/s':>12}",
+        ]
+        for name, steps in sustained.items():
+            kept = [s for s in steps if s.kept_up]
+            best = max(kept, key=lambda s: s.rate) if kept else None
+            at = {s.rate: s for s in steps}
+            lines.append(
+                f"  {name:<14}{(f'{best.rate:,}/s' if best else 'none'):>13}"
+                f"{(f'{best.p50:g}/{best.p99:g} ms' if best else '-'):>18}"
+                f"{_p99(at.get(1_000)):>12}{_p99(at.get(10_000)):>12}"
+            )
+        lines.append("")
+    if memory:
+        lines += [
+            f"memory: {memory.backlog:,}-entry backlog drained by streamd",
+            f"  RSS per child (max): {memory.child_rss_mb:.0f} MB; Redis used_memory: "
+            f"{memory.redis_before_mb:.0f} MB with the backlog, {memory.redis_after_mb:.0f}"
+            f" MB after (XLEN {memory.xlen_after} after trimming)",
+        ]
+    return "\n".join(lines)
+
+
+def _p99(step: Step | None) -> str:
+    return f"{step.p99:g} ms" if step and step.p99 is not None else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--events", type=int, default=500_000, help="drain size")
+    parser.add_argument("--repeat", type=int, default=3, help="drain runs per contender")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per sustained step")
+    parser.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)))
+    parser.add_argument("--backlog", type=int, default=1_000_000, help="memory section backlog")
+    parser.add_argument("--only", default="drain,sustained,memory")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="--events 200000 --repeat 1 --duration 15 --backlog 300000",
+    )
+    parser.add_argument("--redis-url")
+    parser.add_argument("--postgres-dsn")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.events, args.repeat, args.duration, args.backlog = 200_000, 1, 15.0, 300_000
+    sections = set(args.only.split(","))
+    load_settings(environ={})  # fail early on a broken install
+    with Lab.open(args.redis_url, args.postgres_dsn) as lab:
+        drain = sustained = memory = None
+        if "drain" in sections:
+            say("drain...")
+            drain = bench_drain(lab, args.events, args.repeat)
+        if "sustained" in sections:
+            say("sustained...")
+            rates = [int(r) for r in args.rates.split(",")]
+            sustained = bench_sustained(lab, rates, args.duration)
+        if "memory" in sections:
+            say("memory...")
+            memory = bench_memory(lab, args.backlog)
+    print(report(args, drain, sustained, memory))
+    if args.json:
+        args.json.write_bytes(
+            orjson.dumps(
+                {"drain": drain and drain.rates, "sustained": sustained, "memory": memory},
+                default=lambda o: o.__dict__,
+                option=orjson.OPT_INDENT_2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
