@@ -98,7 +98,8 @@ class BatchWriter:
             committed_at = time.time()
             refused = result.refused
             dead = rejects + refused
-            good_ids = _good_ids(rows, refused)
+            committed = _without(rows, refused)
+            good_ids = [r.entry_id for r in committed]
             await retry_transient(
                 lambda: stream.ack(good_ids, dead), backoff=backoff, log=log, what="ack"
             )
@@ -112,7 +113,7 @@ class BatchWriter:
             dead=dead,
             write_s=write_s,
             total_s=time.perf_counter() - started,
-            produced_us=[r.produced_us for r in rows] if self.observer else [],
+            produced_us=[r.produced_us for r in committed] if self.observer else [],
             committed_at=committed_at,
         )
         if self.observer is not None:
@@ -129,11 +130,12 @@ class BatchWriter:
                 await stream.renew(ids)
 
 
-def _good_ids(rows: list[Row], refused: list[Rejection]) -> list[bytes]:
+def _without(rows: list[Row], refused: list[Rejection]) -> list[Row]:
+    """The rows Postgres took: all of them, but for the ones it refused."""
     if not refused:
-        return [r.entry_id for r in rows]
+        return rows
     bad = {r.entry_id for r in refused}
-    return [r.entry_id for r in rows if r.entry_id not in bad]
+    return [r for r in rows if r.entry_id not in bad]
 
 
 class Consumer:
