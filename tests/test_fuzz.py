@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 
 MAX_EVENT_BYTES = 256 * 1024
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+MAX_TS_DIGITS = 20  # leading zeros allowed up to this length
 ENVELOPE = (b"type", b"data", b"ts")
 # Every dead-letter reason the README lists, but `poison` (tests/test_supervisor.py) and `deleted`.
 REASONS = {
@@ -133,6 +134,8 @@ SPECIAL_TS = [
     str(MAX_TS_MS).encode(),
     str(MAX_TS_MS + 1).encode(),
     b"9" * 17,
+    b"0" * 19 + b"1",
+    b"0" * 20 + b"1",
     b"-1",
     b"+5",
     b"1.5",
@@ -231,7 +234,7 @@ def envelope_reason(fields: list[bytes]) -> str | None:
     if len(data) > MAX_EVENT_BYTES:
         return "oversize"
     if ts is not None and not (
-        ts.isascii() and ts.isdigit() and len(ts) <= 16 and int(ts) <= MAX_TS_MS
+        ts.isascii() and ts.isdigit() and len(ts) <= MAX_TS_DIGITS and int(ts) <= MAX_TS_MS
     ):
         return "invalid_ts"
     return None
