@@ -47,15 +47,42 @@ _PG_FAILURES = (
 )
 
 
+# Server errors that heal with time or a restart of the server: connection trouble (08), a
+# serialization failure or deadlock (40), lack of resources (53: disk full, out of memory, too
+# many connections), an operator's intervention (57: shutting down, starting up, a statement
+# timeout), a system I/O error (58). A worker that meets one while Postgres restarts must not
+# stop the whole service as if the password were wrong (the chaos run caught exactly that).
+_PG_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+_PG_PERMANENT_STATES = ("57P04",)  # database_dropped
+
+
+def _pg_transient(exc: asyncpg.PostgresError) -> bool:
+    state = exc.sqlstate or ""
+    return state[:2] in _PG_TRANSIENT_CLASSES and state not in _PG_PERMANENT_STATES
+
+
 def postgres_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:
     target = f"Postgres at {describe_postgres(settings)}"
     if isinstance(exc, (*_PG_BOOT_ERRORS, ssl.SSLError, ValueError)):  # ValueError: a bad DSN
         return BootError(f"{target}: cannot {doing}: {describe(exc)}")
-    if isinstance(exc, asyncpg.PostgresError) and not isinstance(
-        exc, asyncpg.CannotConnectNowError | asyncpg.TooManyConnectionsError
-    ):
+    if isinstance(exc, asyncpg.PostgresError) and not _pg_transient(exc):
         return BootError(f"{target}: cannot {doing}: {describe(exc)}")
     return ServiceUnavailable(f"{target}: cannot {doing}: {describe(exc)}")
+
+
+# Refusals a Redis in trouble gives for a while: a replica during failover (READONLY), a cluster
+# slot moving (TRYAGAIN), a script running (BUSY), full memory (OOM: a backlog streamd itself
+# is about to drain), a replica whose primary is down (MASTERDOWN).
+_REDIS_TRANSIENT = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.OutOfMemoryError,
+)
+_REDIS_TRANSIENT_PREFIXES = ("BUSY ", "MASTERDOWN ")  # redis-py has no class of its own for these
+
+
+def _redis_transient(exc: BaseException) -> bool:
+    return isinstance(exc, _REDIS_TRANSIENT) or str(exc).startswith(_REDIS_TRANSIENT_PREFIXES)
 
 
 def redis_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:
@@ -64,7 +91,8 @@ def redis_error(settings: Settings, exc: BaseException, doing: str = "connect") 
     auth = isinstance(exc, redis.exceptions.AuthenticationError) or any(
         marker in text for marker in ("NOAUTH", "WRONGPASS", "invalid password", "certificate")
     )
-    if auth or isinstance(exc, ssl.SSLError | redis.exceptions.ResponseError):
+    permanent = isinstance(exc, ssl.SSLError | redis.exceptions.ResponseError)
+    if auth or (permanent and not _redis_transient(exc)):
         return BootError(f"{target}: cannot {doing}: {describe(exc)}")
     return ServiceUnavailable(f"{target}: cannot {doing}: {describe(exc)}")
 
