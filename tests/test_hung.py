@@ -24,7 +24,7 @@ from streamd.consumer import BatchWriter
 from streamd.devservers import PostgresServer, RedisServer
 from streamd.schema import apply_schema
 from streamd.sink import PostgresSink
-from streamd.streams import GroupStream, ensure_group
+from streamd.streams import GroupStream, RawConnection, ensure_group
 from tests.helpers import ServeProcess, async_wait_until, count_rows, wait_until
 from tests.load import Outcome, producing, wait_for_outcome
 from tests.proxy import TcpProxy
@@ -215,28 +215,36 @@ def test_stalled_then_cut_network_paths_to_both_services(
 # in process: a timed-out connection is never reused
 
 
+@pytest.mark.parametrize("path", ["client", "consumer connection"])
 async def test_redis_reader_after_a_socket_timeout_never_reads_a_stale_reply(
-    make_redis: Callable[..., RedisServer], make_settings: Callable[..., Settings]
+    path: str, make_redis: Callable[..., RedisServer], make_settings: Callable[..., Settings]
 ) -> None:
-    """The consumers' single-connection clients: a command that timed out may still get its reply
-    later. The client must drop that connection, so the next command gets its own reply."""
+    """A command that timed out may still get its reply later. Both ways streamd talks to Redis
+    (redis-py clients; a consumer's own RawConnection for reads and acks) must drop that
+    connection, so the next command gets its own reply, not the late one."""
     server = make_redis()
     with TcpProxy(server.port) as proxy:
         settings = make_settings(
             redis_url=f"redis://127.0.0.1:{proxy.port}/0", redis_timeout_s="0.5"
         )
         client = redis_client(settings, single_connection=True)
+        raw = RawConnection(client)
+
+        async def call(*args: str) -> object:
+            return await (raw.call(*args) if path != "client" else client.execute_command(*args))
+
         try:
-            await client.set("a", "reply-for-a")
-            await client.set("b", "reply-for-b")
-            first_id = await client.client_id()
+            await call("SET", "a", "reply-for-a")
+            await call("SET", "b", "reply-for-b")
+            first_id = await call("CLIENT", "ID")
             proxy.stall()
             with pytest.raises(redis.exceptions.TimeoutError):
-                await client.get("a")
+                await call("GET", "a")
             proxy.resume()  # the late "reply-for-a" arrives on the old connection
-            assert await client.get("b") == b"reply-for-b"
-            assert await client.client_id() != first_id  # a new connection
+            assert await call("GET", "b") == b"reply-for-b"
+            assert await call("CLIENT", "ID") != first_id  # a new connection
         finally:
+            await raw.aclose()
             await client.aclose()
 
 
