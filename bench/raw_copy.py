@@ -23,9 +23,7 @@ def make_rows(payloads: list[tuple[str, bytes]], first_ms: int) -> list[Row]:
     for i, (event_type, payload) in enumerate(payloads):
         ms = first_ms + i // 100
         entry_id = f"{ms}-{i % 100}".encode()
-        rows.append(
-            Row(entry_id, event_type.encode(), payload, (ms - PG_EPOCH_MS) * 1000, None, [])
-        )
+        rows.append((entry_id, event_type.encode(), payload, (ms - PG_EPOCH_MS) * 1000, None, []))
     return rows
 
 

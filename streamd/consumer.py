@@ -19,7 +19,7 @@ import asyncpg
 
 from streamd.aio import wait_event
 from streamd.config import Settings
-from streamd.envelope import RawEntry, Rejection, Row, split_entries
+from streamd.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
 from streamd.log import get_logger
 from streamd.retry import TRANSIENT_ERRORS, Backoff, describe, retry_transient
 from streamd.sink import PostgresSink, WriteResult
@@ -91,15 +91,15 @@ class BatchWriter:
                 return written, time.perf_counter() - t0
 
         # Dead letters handed in (the reaper's poison) are held by this consumer too.
-        held = [entry[0] for entry in entries] + [r.entry_id for r in extra_dead or []]
-        lease = asyncio.create_task(self._keep_leases(stream, held), name="lease-renewal")
+        held = (entries, extra_dead or [])
+        lease = asyncio.create_task(self._keep_leases(stream, *held), name="lease-renewal")
         try:
             result, write_s = await retry_transient(write, backoff=backoff, log=log, what="write")
             committed_at = time.time()
             refused = result.refused
             dead = rejects + refused
             committed = _without(rows, refused)
-            good_ids = [r.entry_id for r in committed]
+            good_ids = [r[ENTRY_ID] for r in committed]
             await retry_transient(
                 lambda: stream.ack(good_ids, dead), backoff=backoff, log=log, what="ack"
             )
@@ -113,21 +113,25 @@ class BatchWriter:
             dead=dead,
             write_s=write_s,
             total_s=time.perf_counter() - started,
-            produced_us=[r.produced_us for r in committed] if self.observer else [],
+            produced_us=[r[PRODUCED_US] for r in committed] if self.observer else [],
             committed_at=committed_at,
         )
         if self.observer is not None:
             self.observer(report)
         return report
 
-    async def _keep_leases(self, stream: GroupStream, ids: list[bytes]) -> None:
+    async def _keep_leases(
+        self, stream: GroupStream, entries: list[RawEntry], extra: list[Rejection]
+    ) -> None:
         """While a flush is slow (Postgres down, a huge batch), keep its entries' idle time below
         claim_min_idle_ms so no reaper takes over a batch that is still being worked on."""
         interval = self.settings.claim_min_idle_ms / 1000 / 3
+        await asyncio.sleep(interval)  # most flushes end long before: no ID list for them
+        ids = [entry[0] for entry in entries] + [r.entry_id for r in extra]
         while ids:
-            await asyncio.sleep(interval)
             with contextlib.suppress(*TRANSIENT_ERRORS):  # the flush's retries report outages
                 await stream.renew(ids)
+            await asyncio.sleep(interval)
 
 
 def _without(rows: list[Row], refused: list[Rejection]) -> list[Row]:
@@ -135,7 +139,7 @@ def _without(rows: list[Row], refused: list[Rejection]) -> list[Row]:
     if not refused:
         return rows
     bad = {r.entry_id for r in refused}
-    return [r for r in rows if r.entry_id not in bad]
+    return [r for r in rows if r[ENTRY_ID] not in bad]
 
 
 class Consumer:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from streamd import dlq
-from streamd.envelope import Rejection, Row
+from streamd.envelope import ENTRY_ID, FIELDS, Rejection, Row
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _TRAILER = b"\xff\xff"
@@ -53,22 +53,29 @@ def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
     memoryview, because asyncpg takes plain bytes for a file path.
     """
     parts = [_HEADER]
-    append = parts.append
+    extend = parts.extend
+    types: dict[bytes, bytes] = {}  # a stream has few event types: encode each field once
     for entry_id, event_type, payload, produced_us, meta, _fields in rows:
-        append(row_start)
-        append(_pack_i(len(entry_id)))
-        append(entry_id)
-        append(_pack_i(len(event_type)))
-        append(event_type)
-        append(_pack_json(len(payload) + 1, 1))  # jsonb binary format: version byte 1, then text
-        append(payload)
-        append(_pack_ts(8, produced_us))
+        type_field = types.get(event_type)
+        if type_field is None:
+            type_field = types[event_type] = _pack_i(len(event_type)) + event_type
+        # jsonb's binary format is a version byte (1), then the JSON text.
+        extend(
+            (
+                row_start,
+                _pack_i(len(entry_id)),
+                entry_id,
+                type_field,
+                _pack_json(len(payload) + 1, 1),
+                payload,
+                _pack_ts(8, produced_us),
+            )
+        )
         if meta is None:
-            append(_NULL)
+            parts.append(_NULL)
         else:
-            append(_pack_json(len(meta) + 1, 1))
-            append(meta)
-    append(_TRAILER)
+            extend((_pack_json(len(meta) + 1, 1), meta))
+    parts.append(_TRAILER)
     return memoryview(b"".join(parts))
 
 
@@ -222,4 +229,4 @@ def _refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
     message = str(exc).splitlines()[0] + detail
     error = f"{field_name}: {message}" if field_name else message
     reason = _REASONS.get(exc.sqlstate or "", "rejected_by_postgres")
-    return Rejection(row.entry_id, row.fields, reason, f"Postgres refused the row: {error}")
+    return Rejection(row[ENTRY_ID], row[FIELDS], reason, f"Postgres refused the row: {error}")

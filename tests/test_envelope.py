@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamd.dlq import decode_fields, encode_fields
-from streamd.envelope import PG_EPOCH_MS, split_entries
+from streamd.envelope import META, PG_EPOCH_MS, PRODUCED_US, split_entries
 
 MAX = 1000
 
@@ -24,14 +24,14 @@ def test_well_formed_entries_become_rows_in_order() -> None:
     ]
     rows, rejects = split_entries(entries, MAX)
     assert rejects == []
-    assert [(r.entry_id, r.event_type, r.payload) for r in rows] == [
+    assert [r[:3] for r in rows] == [
         (b"1700000000000-0", b"user_created", b'{"user_id":1}'),
         (b"1700000000001-5", b"order_placed", b"[1,2]"),
         (b"1700000000002-0", b"t", b"{}"),
     ]
-    assert rows[0].produced_us == us(1700000000000)  # from the entry ID
-    assert rows[2].produced_us == us(1600000000000)  # from ts
-    assert all(r.meta is None for r in rows)
+    assert rows[0][PRODUCED_US] == us(1700000000000)  # from the entry ID
+    assert rows[2][PRODUCED_US] == us(1600000000000)  # from ts
+    assert all(r[META] is None for r in rows)
 
 
 def test_bad_entries_are_rejected_with_precise_reasons() -> None:
@@ -72,9 +72,9 @@ def test_type_of_exactly_128_bytes_and_data_of_exactly_the_limit_are_accepted() 
 def test_extra_fields_go_to_meta_only_when_asked() -> None:
     entry = [[b"1-1", [b"type", b"t", b"data", b"{}", b"source", b"web", b"bin", b"\xff\x00"]]]
     rows, _ = split_entries(entry, MAX)
-    assert rows[0].meta is None
+    assert rows[0][META] is None
     rows, _ = split_entries(entry, MAX, keep_extra_fields=True)
-    assert orjson.loads(rows[0].meta or b"") == {"source": "web", "bin": "\ufffd"}
+    assert orjson.loads(rows[0][META] or b"") == {"source": "web", "bin": "\ufffd"}
 
 
 field_bytes = st.binary(max_size=40)

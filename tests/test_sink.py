@@ -101,7 +101,8 @@ async def test_refused_rows_become_dead_letters_and_neighbours_commit(
         payloads[index] = payload
     rows = rows_for(*payloads)
     # A type with a NUL byte is refused by Postgres too (text cannot hold NUL).
-    rows[30] = rows[30]._replace(event_type=b"bad\x00type")
+    entry_id, _type, payload, produced_us, meta, fields = rows[30]
+    rows[30] = (entry_id, b"bad\x00type", payload, produced_us, meta, fields)
     result = await sink.write(conn, rows, [])
     refused = {r.entry_id.decode(): r for r in result.refused}
     expected_bad = {f"1700000000000-{i + 1}" for i in [*bad, 30]}
