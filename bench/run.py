@@ -142,7 +142,11 @@ class Lab:
 
     def group(self, name: str) -> dict[str, Any] | None:
         with redis.Redis.from_url(self.redis_url, decode_responses=True) as r:
-            for group in r.xinfo_groups("events"):
+            try:
+                groups = r.xinfo_groups("events")
+            except redis.ResponseError:  # no stream yet
+                return None
+            for group in groups:
                 if group["name"] == name:
                     return dict(group)
         return None

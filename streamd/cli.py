@@ -127,8 +127,6 @@ def serve(
 
     Creates the schema and the consumer group if missing. SIGHUP reloads the config.
     """
-    from streamd.serve import serve as run_serve
-
     flags = {"procs": procs, "tasks": tasks, "batch_size": batch_size, "metrics_port": metrics_port}
 
     def reload() -> Settings:
@@ -138,6 +136,9 @@ def serve(
 
     def body() -> None:
         settings = _configured(ctx, **flags)
+        # Imported once the settings are known good: a config error answers without the wait.
+        from streamd.serve import serve as run_serve
+
         sys.exit(run_serve(settings, reload=reload))
 
     _run(body)
