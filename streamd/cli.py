@@ -263,6 +263,19 @@ def dev_status_cmd(root: str, as_json: bool) -> None:
 # --- produce ----------------------------------------------------------------------------------
 
 
+def _round_trip_batch(default: int) -> Callable[[F], F]:
+    """--batch: how many events a producing command sends per round trip."""
+    return click.option(
+        "--batch",
+        "batch_size",
+        type=click.IntRange(1, 100_000),
+        default=default,
+        show_default=True,
+        metavar="N",
+        help="Events per round trip, at most.",
+    )
+
+
 @cli.command()
 @click.argument("count", type=click.IntRange(1), metavar="N")
 @click.option(
@@ -271,15 +284,7 @@ def dev_status_cmd(root: str, as_json: bool) -> None:
     metavar="R",
     help="Events per second (default: as fast as possible).",
 )
-@click.option(
-    "--batch",
-    "batch_size",
-    type=click.IntRange(1, 100_000),
-    default=500,
-    show_default=True,
-    metavar="N",
-    help="Events per round trip, at most.",
-)
+@_round_trip_batch(default=500)
 @click.option(
     "--type",
     "event_type",
@@ -448,15 +453,7 @@ def dlq_purge_cmd(ctx: click.Context, before: str | None, yes: bool) -> None:
 @click.option(
     "--procs", type=click.IntRange(1, 256), default=1, show_default=True, help="With --serve."
 )
-@click.option(
-    "--batch",
-    "batch_size",
-    type=click.IntRange(1, 100_000),
-    default=1000,
-    show_default=True,
-    metavar="N",
-    help="Events per round trip, at most.",
-)
+@_round_trip_batch(default=1000)
 @click.option(
     "--wait",
     "wait_s",
