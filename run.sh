@@ -193,18 +193,10 @@ cmd_demo() {
     before=$(demo_py count)
     start_background
     wait_serve_ready
-    if streamd produce --help >/dev/null 2>&1; then
-        streamd produce "$DEMO_EVENTS"
-    else
-        demo_py produce "$DEMO_EVENTS"
-    fi
+    streamd produce "$DEMO_EVENTS"
     say "waiting for $DEMO_EVENTS events to reach Postgres"
     demo_py wait $((before + DEMO_EVENTS)) 60
-    if streamd monitor --help >/dev/null 2>&1; then
-        streamd monitor --once
-    else
-        demo_py by-type
-    fi
+    streamd monitor --once
     if [[ $keep -eq 1 ]]; then
         say "serve keeps running (pid $(serve_pid)); stop it with: ./run.sh stop"
     else
@@ -215,19 +207,19 @@ cmd_demo() {
 # The demo's look at Redis and Postgres, through streamd's own settings (env, .env, config file).
 demo_py() {
     "$VENV/bin/python" - "$@" <<'PY'
-import asyncio, random, sys, time
+import asyncio, sys, time
 
 from streamd.config import load_settings
 from streamd.connections import postgres_connect, redis_client
+from streamd.sink import quote_ident
 
-TYPES = ["user_created", "order_placed", "payment_processed", "product_viewed", "order_shipped"]
 s = load_settings()[0]
 
 
 async def count():
     conn = await postgres_connect(s)
     try:
-        return await conn.fetchval(f"SELECT count(*) FROM {s.events_table}")
+        return await conn.fetchval(f"SELECT count(*) FROM {quote_ident(s.events_table)}")
     finally:
         await conn.close()
 
@@ -240,20 +232,6 @@ async def pending():
         await r.aclose()
 
 
-async def produce(n):
-    r = redis_client(s)
-    try:
-        for start in range(0, n, 1000):
-            pipe = r.pipeline(transaction=False)
-            for i in range(start, min(n, start + 1000)):
-                data = '{"id": %d, "amount": %.2f}' % (i, random.uniform(1, 500))
-                pipe.xadd(s.stream, {"type": TYPES[i % 5], "data": data})
-            await pipe.execute()
-    finally:
-        await r.aclose()
-    print(f"produced {n} events to stream {s.stream!r}")
-
-
 async def wait(target, timeout):
     deadline = time.monotonic() + timeout
     while (n := await count()) < target or await pending():
@@ -263,22 +241,8 @@ async def wait(target, timeout):
     print(f"{n} events in Postgres, none pending")
 
 
-async def by_type():
-    conn = await postgres_connect(s)
-    try:
-        rows = await conn.fetch(
-            f"SELECT event_type, count(*) AS n FROM {s.events_table} GROUP BY 1 ORDER BY 2 DESC"
-        )
-    finally:
-        await conn.close()
-    print("Events by type:")
-    for row in rows:
-        print(f"  {row['event_type']}: {row['n']}")
-
-
 verb, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
-jobs = {"count": lambda: count(), "produce": lambda: produce(*args),
-        "wait": lambda: wait(*args), "by-type": lambda: by_type()}
+jobs = {"count": lambda: count(), "wait": lambda: wait(*args)}
 result = asyncio.run(jobs[verb]())
 if verb == "count":
     print(result)

@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,15 +289,20 @@ class Step:
 
     @property
     def kept_up(self) -> bool:
+        """The producer got its rate, nothing was lost or doubled, and the backlog never grew past
+        one second of events."""
         lag_ok = self.peak_lag is not None and self.peak_lag <= max(self.rate, 1000)
         return (
             self.lost == 0
             and self.duplicated == 0
             and lag_ok
             and self.actual_rate >= 0.97 * self.rate
-            and self.p99 is not None
-            and self.p99 <= P99_BOUND_MS
         )
+
+    @property
+    def fast(self) -> bool:
+        """Kept up, with p99 end-to-end latency within P99_BOUND_MS."""
+        return self.kept_up and self.p99 is not None and self.p99 <= P99_BOUND_MS
 
 
 def sustained_step(lab: Lab, contender: Contender, rate: int, duration: float) -> Step:
@@ -356,6 +361,7 @@ def bench_sustained(lab: Lab, rates: list[int], duration: float) -> dict[str, li
                 f"p50 {step.p50} ms, p99 {step.p99} ms, peak lag {step.peak_lag}, "
                 f"lost {step.lost}, dup {step.duplicated} -> "
                 f"{'kept up' if step.kept_up else 'fell behind'}"
+                f"{', p99 within bound' if step.fast else ''}"
             )
             if not step.kept_up and rate > 10_000:
                 break
@@ -439,18 +445,19 @@ def report(
         lines.append("")
     if sustained:
         lines += [
-            f"sustained: producer at a fixed rate for {args.duration:g} s per step "
-            f"(kept up = lag <= 1 s of events, p99 <= {P99_BOUND_MS:g} ms, nothing lost)",
-            f"  {'contender':<14}{'max kept up':>13}{'p50/p99 there':>18}"
-            f"{'p99 @1k/s':>12}{'p99 @10k/s':>12}",
+            f"sustained: producer at a fixed rate for {args.duration:g} s per step; kept up = "
+            "lag <= 1 s of events, nothing lost or duplicated",
+            f"  {'contender':<14}{'max kept up':>13}{'p50/p99 there':>20}"
+            f"{f'max with p99<={P99_BOUND_MS:g}ms':>22}{'p99 @1k/s':>12}{'p99 @10k/s':>12}",
         ]
         for name, steps in sustained.items():
-            kept = [s for s in steps if s.kept_up]
-            best = max(kept, key=lambda s: s.rate) if kept else None
+            best = _best(steps, lambda s: s.kept_up)
+            quick = _best(steps, lambda s: s.fast)
             at = {s.rate: s for s in steps}
             lines.append(
                 f"  {name:<14}{(f'{best.rate:,}/s' if best else 'none'):>13}"
-                f"{(f'{best.p50:g}/{best.p99:g} ms' if best else '-'):>18}"
+                f"{(f'{best.p50:g}/{best.p99:g} ms' if best else '-'):>20}"
+                f"{(f'{quick.rate:,}/s' if quick else 'none'):>22}"
                 f"{_p99(at.get(1_000)):>12}{_p99(at.get(10_000)):>12}"
             )
         lines.append("")
@@ -464,8 +471,24 @@ def report(
     return "\n".join(lines)
 
 
+def _best(steps: list[Step], ok: Callable[[Step], bool]) -> Step | None:
+    return max((s for s in steps if ok(s)), key=lambda s: s.rate, default=None)
+
+
 def _p99(step: Step | None) -> str:
     return f"{step.p99:g} ms" if step and step.p99 is not None else "-"
+
+
+def report_from_json(path: Path) -> str:
+    data = orjson.loads(path.read_bytes())
+    args = argparse.Namespace(**data["args"])
+    drain = DrainResult(data["drain"]) if data.get("drain") else None
+    sustained = {
+        name: [Step(**step) for step in steps]
+        for name, steps in (data.get("sustained") or {}).items()
+    } or None
+    memory = Memory(**data["memory"]) if data.get("memory") else None
+    return report(args, drain, sustained, memory)
 
 
 def main() -> None:
@@ -489,7 +512,11 @@ def main() -> None:
     parser.add_argument("--redis-url")
     parser.add_argument("--postgres-dsn")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--report", type=Path, help="print the table of an earlier --json file")
     args = parser.parse_args()
+    if args.report:
+        print(report_from_json(args.report))
+        return
     if args.quick:
         args.events, args.repeat, args.duration, args.backlog = 200_000, 1, 15.0, 300_000
     sections = set(args.only.split(","))
@@ -510,7 +537,12 @@ def main() -> None:
     if args.json:
         args.json.write_bytes(
             orjson.dumps(
-                {"drain": drain and drain.rates, "sustained": sustained, "memory": memory},
+                {
+                    "args": vars(args) | {"json": str(args.json)},
+                    "drain": drain and drain.rates,
+                    "sustained": sustained,
+                    "memory": memory,
+                },
                 default=lambda o: o.__dict__,
                 option=orjson.OPT_INDENT_2,
             )

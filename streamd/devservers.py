@@ -779,11 +779,29 @@ def dev_up(
     redis.binary, postgres.bindir = redis_server_binary(), postgres_bindir()  # both, or neither
     for server, flag in ((redis, "--redis-port"), (postgres, "--postgres-port")):
         _dev_start(server, flag)
+    _enable_pg_stat_statements(postgres)
     _write_state(root, {"redis_port": redis.port, "postgres_port": postgres.port})
     env = {"STREAMD_REDIS_URL": redis.url, "STREAMD_POSTGRES_DSN": postgres.dsn}
     lines = [f"# streamd dev servers; load with: source {root / 'env'}", *export_lines(env)]
     (root / "env").write_text("\n".join(lines) + "\n")
     return env
+
+
+def _enable_pg_stat_statements(postgres: PostgresServer) -> None:
+    """The dev server preloads pg_stat_statements; creating the extension lets `streamd monitor`
+    show insert latency. Best effort: without it the dashboard prints a hint instead."""
+    assert postgres.bindir is not None
+    if not has_pg_stat_statements(postgres.bindir):
+        return
+    sql = "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
+    cmd = [str(postgres.bindir / "psql"), "-h", "127.0.0.1", "-p", str(postgres.port)]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            [*cmd, "-U", "postgres", "-d", "postgres", "-qXc", sql],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
 
 
 def export_lines(env: dict[str, str]) -> list[str]:
