@@ -178,7 +178,14 @@ class Reaper:
         minid = await self.oldest_needed_id()
         if minid is None:
             return 0
-        removed = int(await self.client.xtrim(self.settings.stream, minid=minid, approximate=True))
+        # An approximate trim (whole listpack nodes only: cheap) does at most ~10,000 entries of
+        # work per call, to keep Redis responsive; repeat until it has caught up with the group.
+        removed = 0
+        while not self._stopping.is_set():
+            step = int(await self.client.xtrim(self.settings.stream, minid=minid, approximate=True))
+            removed += step
+            if step == 0:
+                break
         if removed:
             self.log.debug("stream_trimmed", removed=removed, minid=minid)
         return removed
