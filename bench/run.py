@@ -53,7 +53,7 @@ from streamd.samples import SampleEvents
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work"
 P99_BOUND_MS = 500.0
-DEFAULT_RATES = (1_000, 10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 140_000)
+DEFAULT_RATES = (1_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 70_000, 80_000, 100_000)
 
 
 def say(text: str) -> None:
