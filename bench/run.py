@@ -8,7 +8,9 @@ on the same private Redis and Postgres, printing one table.
 Sections:
 - drain: the same pre-filled stream (--events, default 500,000 events of the seed's five types,
   ~125-byte JSON payloads) drained by the seed design, by `streamd serve` with its defaults, and
-  written by parallel binary COPY with no Redis at all (the ceiling). Median events/s, ratios.
+  written by parallel binary COPY with no Redis at all (the ceiling). Median events/s, ratios,
+  and where the CPU went: microseconds of CPU per event spent by the consumer's processes, by
+  Redis and by Postgres (with private servers), which shows what bounds each contender.
 - sustained: a producer (`streamd bench`, its own process) at increasing rates for --duration
   seconds each; the highest rate each contender keeps up with (lag bounded to one second of events,
   nothing lost or duplicated, p99 end-to-end latency <= 500 ms), with p50/p99 at that rate and at
@@ -99,6 +101,12 @@ class Lab:
             for server in lab.servers:
                 server.stop()
 
+    def cpu(self, consumer: int) -> CpuSample:
+        """CPU seconds used so far by the consumer's process tree, Redis and Postgres (these two
+        only when the lab started them: an outside server's processes are not ours to read)."""
+        redis_pid, pg_pid = (s.pid for s in self.servers) if self.servers else (None, None)
+        return CpuSample(tree_cpu(consumer), tree_cpu(redis_pid), tree_cpu(pg_pid))
+
     def env(self, **extra: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
         empty = WORK / "empty.toml"
@@ -163,6 +171,39 @@ class Lab:
         return asyncio.run(go())
 
 
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds of pid and its descendants so far. A process's own times plus those of the
+    children it has waited for (Postgres backends that ended, say) cover everything that ran."""
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+@dataclass
+class CpuSample:
+    consumer: float
+    redis: float
+    postgres: float
+
+    def per_event_us(self, since: CpuSample, events: int) -> CpuSample:
+        scale = 1e6 / events
+        return CpuSample(
+            (self.consumer - since.consumer) * scale,
+            (self.redis - since.redis) * scale,
+            (self.postgres - since.postgres) * scale,
+        )
+
+
 def sample_payloads(n: int) -> list[tuple[str, bytes]]:
     """n (type, JSON payload) pairs of the seed's five types, ~125 bytes each (a sequence number
     makes each one unique), the same every run."""
@@ -214,12 +255,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 # drain
 
 
-def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> float:
-    """Events/s for one drain of n pre-filled events, from the first read to the last ack."""
+def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> tuple[float, CpuSample]:
+    """Events/s for one drain of n pre-filled events, from the first read to the last ack, and
+    the CPU per event spent meanwhile (start-up, imports and connecting left out)."""
     lab.reset()
     lab.fill(n)
     proc = contender.start(lab, tag)
-    first: tuple[float, int] | None = None
+    first: tuple[float, CpuSample] | None = None
     try:
         while True:
             group = lab.group(contender.group)
@@ -227,8 +269,9 @@ def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> float:
             if group is not None:
                 read = int(group.get("entries-read") or 0)
                 if first is None and read > 0:
-                    first = (now, int(group["pending"]))  # acked at first sight: ~0
+                    first = (now, lab.cpu(proc.pid))
                 if read >= n and group["pending"] == 0:
+                    cpu = lab.cpu(proc.pid)
                     break
             if proc.poll() is not None:
                 raise SystemExit(f"{contender.name} exited early; see {lab.logs}")
@@ -239,38 +282,59 @@ def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> float:
     total, distinct = lab.count()
     if total != n or distinct != n:
         raise SystemExit(f"{contender.name}: {total} rows ({distinct} distinct), expected {n}")
-    return n / (now - first[0])
+    return n / (now - first[0]), cpu.per_event_us(first[1], n)
 
 
-def drain_raw(lab: Lab, n: int) -> float:
+def drain_raw(lab: Lab, n: int) -> tuple[float, CpuSample]:
     lab.reset()
     rows = make_rows(sample_payloads(n), first_ms=int(time.time() * 1000))
+    before = lab.cpu(os.getpid())
     seconds = asyncio.run(copy_parallel(lab.dsn, rows, connections=psutil.cpu_count() or 2))
+    cpu = lab.cpu(os.getpid()).per_event_us(before, n)
     total, distinct = lab.count()
     if total != n or distinct != n:
         raise SystemExit(f"raw COPY: {total} rows ({distinct} distinct), expected {n}")
-    return n / seconds
+    return n / seconds, cpu
+
+
+CONTENDERS = ("seed design", "streamd", "raw parallel COPY")
 
 
 @dataclass
 class DrainResult:
     rates: dict[str, list[float]]
+    cpu: dict[str, list[CpuSample]] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         return statistics.median(self.rates[name])
 
+    def median_cpu(self, name: str) -> CpuSample | None:
+        samples = self.cpu.get(name)
+        if not samples:
+            return None
+        return CpuSample(
+            *(statistics.median(getattr(s, part) for s in samples) for part in CPU_PARTS)
+        )
+
+
+CPU_PARTS = ("consumer", "redis", "postgres")
+
 
 def bench_drain(lab: Lab, n: int, repeat: int) -> DrainResult:
-    rates: dict[str, list[float]] = {"seed design": [], "streamd": [], "raw parallel COPY": []}
+    result = DrainResult({name: [] for name in CONTENDERS}, {name: [] for name in CONTENDERS})
     for i in range(repeat):  # interleaved, so drift on a shared machine hits all three alike
-        for contender in (SEED, STREAMD):
-            rate = drain_once(lab, contender, n, f"drain{i}")
-            rates[contender.name].append(rate)
-            say(f"  drain {i + 1}/{repeat} {contender.name}: {rate:,.0f} events/s")
-        rate = drain_raw(lab, n)
-        rates["raw parallel COPY"].append(rate)
-        say(f"  drain {i + 1}/{repeat} raw parallel COPY: {rate:,.0f} events/s")
-    return DrainResult(rates)
+        for name in CONTENDERS:
+            if name == "raw parallel COPY":
+                rate, cpu = drain_raw(lab, n)
+            else:
+                rate, cpu = drain_once(lab, SEED if name == SEED.name else STREAMD, n, f"drain{i}")
+            result.rates[name].append(rate)
+            result.cpu[name].append(cpu)
+            say(
+                f"  drain {i + 1}/{repeat} {name}: {rate:,.0f} events/s; CPU µs/event "
+                f"consumer {cpu.consumer:.1f}, Redis {cpu.redis:.1f}, Postgres {cpu.postgres:.1f}"
+            )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,10 +503,22 @@ def report(
             f"drain: {args.events:,} pre-filled events, median of {args.repeat}",
             f"  {'contender':<20}{'events/s':>12}{'vs seed':>10}{'vs raw COPY':>13}",
         ]
-        for name in ("seed design", "streamd", "raw parallel COPY"):
+        for name in CONTENDERS:
             rate = drain.median(name)
             lines.append(f"  {name:<20}{rate:>12,.0f}{rate / seed:>9.2f}x{rate / raw:>12.2f}x")
         lines.append("")
+        if any(drain.cpu.values()):
+            lines += [
+                "  CPU per event (µs, median) while draining: who spends it",
+                f"  {'contender':<20}{'consumer':>10}{'Redis':>8}{'Postgres':>10}{'total':>8}",
+            ]
+            for name in CONTENDERS:
+                cpu = drain.median_cpu(name)
+                if cpu is not None:
+                    parts = [cpu.consumer, cpu.redis, cpu.postgres]
+                    cells = "".join(f"{v:>{w}.1f}" for v, w in zip(parts, (10, 8, 10), strict=True))
+                    lines.append(f"  {name:<20}{cells}{sum(parts):>8.1f}")
+            lines.append("")
     if sustained:
         lines += [
             f"sustained: producer at a fixed rate for {args.duration:g} s per step; kept up = "
@@ -482,7 +558,12 @@ def _p99(step: Step | None) -> str:
 def report_from_json(path: Path) -> str:
     data = orjson.loads(path.read_bytes())
     args = argparse.Namespace(**data["args"])
-    drain = DrainResult(data["drain"]) if data.get("drain") else None
+    saved = data.get("drain")
+    drain = None
+    if saved:
+        # files written before the CPU accounting hold the rates alone
+        rates, cpu = (saved["rates"], saved["cpu"]) if "rates" in saved else (saved, {})
+        drain = DrainResult(rates, {k: [CpuSample(**c) for c in v] for k, v in cpu.items()})
     sustained = {
         name: [Step(**step) for step in steps]
         for name, steps in (data.get("sustained") or {}).items()
@@ -539,7 +620,7 @@ def main() -> None:
             orjson.dumps(
                 {
                     "args": vars(args) | {"json": str(args.json)},
-                    "drain": drain and drain.rates,
+                    "drain": drain,
                     "sustained": sustained,
                     "memory": memory,
                 },
