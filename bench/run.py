@@ -101,11 +101,11 @@ class Lab:
             for server in lab.servers:
                 server.stop()
 
-    def cpu(self, consumer: int) -> CpuSample:
-        """CPU seconds used so far by the consumer's process tree, Redis and Postgres (these two
-        only when the lab started them: an outside server's processes are not ours to read)."""
+    def cpu(self, consumer: float) -> CpuSample:
+        """CPU seconds used so far by Redis and Postgres (only when the lab started them: an
+        outside server's processes are not ours to read), beside the consumer's, given."""
         redis_pid, pg_pid = (s.pid for s in self.servers) if self.servers else (None, None)
-        return CpuSample(tree_cpu(consumer), tree_cpu(redis_pid), tree_cpu(pg_pid))
+        return CpuSample(consumer, tree_cpu(redis_pid), tree_cpu(pg_pid))
 
     def env(self, **extra: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
@@ -189,6 +189,12 @@ def tree_cpu(pid: int | None) -> float:
     return total
 
 
+def own_cpu() -> float:
+    """CPU seconds of this process alone (not its children)."""
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
 @dataclass
 class CpuSample:
     consumer: float
@@ -269,9 +275,9 @@ def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> tuple[float,
             if group is not None:
                 read = int(group.get("entries-read") or 0)
                 if first is None and read > 0:
-                    first = (now, lab.cpu(proc.pid))
+                    first = (now, lab.cpu(tree_cpu(proc.pid)))
                 if read >= n and group["pending"] == 0:
-                    cpu = lab.cpu(proc.pid)
+                    cpu = lab.cpu(tree_cpu(proc.pid))
                     break
             if proc.poll() is not None:
                 raise SystemExit(f"{contender.name} exited early; see {lab.logs}")
@@ -288,9 +294,10 @@ def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> tuple[float,
 def drain_raw(lab: Lab, n: int) -> tuple[float, CpuSample]:
     lab.reset()
     rows = make_rows(sample_payloads(n), first_ms=int(time.time() * 1000))
-    before = lab.cpu(os.getpid())
+    # this process alone: the servers the lab started are its children, counted apart
+    before = lab.cpu(own_cpu())
     seconds = asyncio.run(copy_parallel(lab.dsn, rows, connections=psutil.cpu_count() or 2))
-    cpu = lab.cpu(os.getpid()).per_event_us(before, n)
+    cpu = lab.cpu(own_cpu()).per_event_us(before, n)
     total, distinct = lab.count()
     if total != n or distinct != n:
         raise SystemExit(f"raw COPY: {total} rows ({distinct} distinct), expected {n}")
