@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from streamd.config import Settings, field_names, load_settings, mask_url
-from streamd.config_view import render_config, render_defaults
+from streamd.config_view import render_config, render_defaults, render_reference
 from streamd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +175,10 @@ def test_cli_config_error_is_one_line_and_exit_2() -> None:
     assert result.stderr.strip().count("\n") == 0
     assert "batch_size (flag --set batch_size): must be >= 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_reference_lists_every_key_with_its_default() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert render_reference() in readme, (
+        "README.md's config reference is stale: paste streamd.config_view.render_reference()"
+    )
