@@ -1,9 +1,11 @@
-"""Recovery of the consumer group: reclaim stale entries, dead-letter poison, delete dead consumers,
-trim the stream.
+"""Recovery of the consumer group: adopt what dead local processes held, reclaim stale entries,
+dead-letter poison, delete dead consumers, trim the stream.
 
 Every step is safe with reapers running in many processes and hosts at once:
 - XAUTOCLAIM only hands an entry to one claimer (claiming resets its idle time), and a reclaimed
   batch goes through the same BatchWriter as any batch, so Postgres holds it exactly once.
+- Adoption claims with a minimum idle time too, so two reapers racing for a dead consumer's
+  entries split them instead of taking them from each other.
 - A consumer is deleted by a script that first checks, atomically, that it owns nothing.
 - XTRIM MINID removes only entries below the oldest one any group still needs; that bound only
   moves forward, so a trim computed a moment ago is still safe.
@@ -12,6 +14,7 @@ Every step is safe with reapers running in many processes and hosts at once:
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,6 +36,29 @@ if #pending == 0 then
 end
 return -1
 """
+
+
+# Adoption's XCLAIM min-idle-time (capped by claim_min_idle_ms): long enough that an entry another
+# reaper adopted a moment ago (claiming resets its idle time) is not claimed again.
+ADOPT_MIN_IDLE_MS = 1000
+
+
+def dead_local_pid(consumer: str, host: str | None) -> int | None:
+    """The pid of a consumer named `<host>:<pid>:<task>` when host is this one and no process with
+    that pid exists here any more; else None (another host, a live or unknown process)."""
+    parts = consumer.rsplit(":", 2)
+    if host is None or len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return None
+    pid = int(parts[1])
+    if pid == os.getpid() or pid <= 1:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except OSError:  # EPERM: alive, someone else's
+        return None
+    return None
 
 
 def next_id(entry_id: str) -> str:
@@ -58,6 +84,9 @@ class Reaper:
         self.log = get_logger(consumer=stream.consumer)
         self._delete_if_idle = client.register_script(_DELETE_IF_IDLE)
         self._stopping = asyncio.Event()
+        # Consumers of this host are `<host>:<pid>:<task>`, like this reaper's own name.
+        parts = stream.consumer.rsplit(":", 2)
+        self.host = parts[0] if len(parts) == 3 else None
         self.reclaimed = 0
         self.poisoned = 0
 
@@ -76,6 +105,7 @@ class Reaper:
             await wait_event(self._stopping, self.settings.reaper_interval_s)
 
     async def run_once(self) -> None:
+        await self.adopt_dead_local_consumers()
         await self.reclaim()
         await self.delete_idle_consumers()
         if self.settings.trim:
@@ -113,6 +143,52 @@ class Reaper:
                 handled += await self._ingest_claimed(entries)
             if _text(cursor) == "0-0":
                 return handled
+        return handled
+
+    # --- adopt ----------------------------------------------------------------------------
+
+    async def adopt_dead_local_consumers(self) -> int:
+        """Take over at once what consumers of processes that died on this host held, then
+        delete those consumers. Returns how many entries were handled.
+
+        claim_min_idle_ms must outlast a slow but live consumer's batch, so waiting for it delays
+        a killed worker's entries by a minute. A consumer whose process is gone (its pid no longer
+        exists on this host: killed, crashed, or a previous serve) cannot be working on anything,
+        so there is nothing to wait for.
+        """
+        if self.host is None:
+            return 0
+        s = self.settings
+        handled = 0
+        for info in await self.client.xinfo_consumers(s.stream, s.group):
+            name = _text(info["name"])
+            if dead_local_pid(name, self.host) is None:
+                continue
+            adopted = await self._adopt(name) if int(info["pending"]) else 0
+            handled += adopted
+            if await self._delete_if_idle(keys=[s.stream], args=[s.group, name]) != -1:
+                self.log.info("dead_consumer_adopted", dead_consumer=name, entries=adopted)
+        return handled
+
+    async def _adopt(self, dead: str) -> int:
+        s = self.settings
+        min_idle = min(ADOPT_MIN_IDLE_MS, s.claim_min_idle_ms)
+        handled = 0
+        while not self._stopping.is_set():
+            rows = await self.client.xpending_range(
+                s.stream, s.group, min="-", max="+", count=s.batch_size, consumername=dead
+            )
+            ids = [_raw_id(row["message_id"]) for row in rows]
+            if not ids:
+                break
+            entries = await command(
+                self.client, "XCLAIM", s.stream, s.group, self.stream.consumer, min_idle, *ids
+            )
+            # Entries deleted from the stream meanwhile come back as nothing: drop those.
+            entries = [e for e in entries if e is not None and e[1] is not None]
+            if not entries:
+                break  # too fresh, or another reaper took them: the next round looks again
+            handled += await self._ingest_claimed(entries)
         return handled
 
     async def _ingest_claimed(self, entries: list[RawEntry]) -> int:

@@ -4,6 +4,10 @@ DLQ, deleting idle consumers, trimming, and leaving a live slow consumer's batch
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ from streamd.config import Settings
 from streamd.connections import postgres_pool, redis_client
 from streamd.consumer import BatchWriter
 from streamd.preflight import preflight
-from streamd.reaper import Reaper, next_id
+from streamd.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
 from streamd.sink import PostgresSink
 from streamd.streams import GroupStream, command
 from tests.helpers import async_wait_until, event
@@ -138,6 +142,68 @@ async def test_reclaims_and_ingests_entries_of_a_dead_consumer(make_rig: Any) ->
 
     assert await rig.rows() == (230, 230)
     assert await rig.pending() == 0
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been waited for)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+async def test_adopts_at_once_what_a_dead_local_process_held(make_rig: Any) -> None:
+    rig: Rig = await make_rig(claim_min_idle_ms=600_000)  # XAUTOCLAIM would wait 10 minutes
+    s = rig.settings
+    host = socket.gethostname()
+    dead = f"{host}:{dead_pid()}:0"
+    dead_idle = f"{host}:{dead_pid()}:1"
+    alive = f"{host}:{os.getppid()}:0"  # our parent: a live process of this host
+    elsewhere = f"another-{host}:{dead_pid()}:0"
+    await rig.add(120)
+    assert len(await rig.read_as(dead, count=100)) == 100
+    await rig.read_as(alive, count=10)
+    await rig.read_as(elsewhere, count=10)
+    await rig.redis.xgroup_createconsumer(s.stream, s.group, dead_idle)
+    reaper = Reaper(s, rig.redis, rig.stream(f"{host}:{os.getpid()}:reaper"), rig.writer)
+    await asyncio.sleep(ADOPT_MIN_IDLE_MS / 1000 + 0.1)
+
+    assert await reaper.adopt_dead_local_consumers() == 100
+
+    assert await rig.rows() == (100, 100)
+    assert await rig.pending() == 20
+    left = await rig.consumers()
+    assert int(left[alive]["pending"]) == 10  # a live process's entries are its own
+    assert int(left[elsewhere]["pending"]) == 10  # another host's pids are not ours to judge
+    assert dead not in left and dead_idle not in left  # dead consumers are deleted
+    assert reaper.reclaimed == 100
+
+
+async def test_reapers_racing_to_adopt_split_the_entries(make_rig: Any) -> None:
+    rig: Rig = await make_rig(claim_min_idle_ms=600_000, batch_size=20)
+    host = socket.gethostname()
+    await rig.add(300)
+    await rig.read_as(f"{host}:{dead_pid()}:0")
+    reapers = [
+        Reaper(rig.settings, rig.redis, rig.stream(f"{host}:{os.getpid()}:r{i}"), rig.writer)
+        for i in range(3)
+    ]
+    await asyncio.sleep(ADOPT_MIN_IDLE_MS / 1000 + 0.1)
+    await asyncio.gather(*(r.adopt_dead_local_consumers() for r in reapers))
+    assert await rig.rows() == (300, 300)
+    assert await rig.pending() == 0
+    assert sum(r.reclaimed for r in reapers) == 300  # each entry claimed by one reaper only
+
+
+def test_dead_local_pid_reads_only_this_hosts_gone_processes() -> None:
+    gone = dead_pid()
+    assert dead_local_pid(f"h:{gone}:0", "h") == gone
+    assert dead_local_pid(f"h:{gone}:reaper", "h") == gone
+    assert dead_local_pid(f"h:{os.getpid()}:0", "h") is None
+    assert dead_local_pid(f"other:{gone}:0", "h") is None
+    assert dead_local_pid(f"h:{gone}:0", None) is None
+    assert dead_local_pid("h:1:0", "h") is None  # init: never ours
+    for odd in ("h", "h:x:0", "test:r0", f"a:b:h:{gone}"):
+        assert dead_local_pid(odd, "h") is None
 
 
 async def test_entries_are_not_reclaimed_before_claim_min_idle(make_rig: Any) -> None:

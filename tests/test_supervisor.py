@@ -6,6 +6,8 @@ Every test ends on what a user cares about: each produced event exactly once in 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from streamd.child import (
@@ -326,6 +329,62 @@ def test_kill_9_of_a_child_mid_load_is_replaced_and_every_event_lands_once(
     assert_exactly_once(env, produced)
     print(f"child back and consuming {back_s * 1000:.0f} ms after kill -9; "
           f"restarted {restarted[0]['down_ms']} ms after its exit was seen")  # fmt: skip
+
+
+@contextlib.contextmanager
+def events_table_locked(dsn: str) -> Iterator[None]:
+    """Hold an exclusive lock on the events table: every consumer's COPY waits, holding its batch
+    (pending, unacknowledged) until the lock goes."""
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute('LOCK TABLE "events" IN ACCESS EXCLUSIVE MODE')
+                locked.set()
+                await asyncio.to_thread(release.wait)
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+    thread.start()
+    assert locked.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_a_killed_childs_entries_are_adopted_without_waiting_for_claim_min_idle(
+    fast_env: dict[str, str], start_serve: Start
+) -> None:
+    """XAUTOCLAIM alone would leave them pending for claim_min_idle_ms (here 10 minutes): the
+    reapers see that the consumer's process is gone from this host and take them at once."""
+    env = fast_env | {"STREAMD_CLAIM_MIN_IDLE_MS": "600000"}
+    url, dsn = env["STREAMD_REDIS_URL"], env["STREAMD_POSTGRES_DSN"]
+    serve = start_serve("--procs", "2", "--tasks", "4", environ=env)
+    serve.wait_ready(2)
+    first = ready_children(env, 2)
+
+    def held_by(pid: int) -> int:
+        with redis_client(url) as r:
+            consumers = r.xinfo_consumers("events", "streamd")
+        return sum(int(c["pending"]) for c in consumers if f":{pid}:" in str(c["name"]))
+
+    with events_table_locked(dsn):
+        produce(url, 3000)
+        wait_until(lambda: held_by(first[0]), timeout=20, message="child 0 holding a batch")
+        os.kill(first[0], signal.SIGKILL)
+    ready_children(env, 2, exclude={first[0]})  # its start-up applies the schema: after the lock
+    wait_rows(env, 3000)
+    wait_until(lambda: pending_count(url) == 0, timeout=30, message="the dead child's entries")
+    adopted = serve.events("dead_consumer_adopted")
+    assert all(f":{first[0]}:" in e["dead_consumer"] for e in adopted)
+    assert sum(e["entries"] for e in adopted) > 0
+    assert serve.terminate() == 0
+    assert_exactly_once(env, 3000)
 
 
 def test_crash_loop_stops_the_service_with_exit_70(env: dict[str, str], start_serve: Start) -> None:
