@@ -172,8 +172,11 @@ def db_init(ctx: click.Context) -> None:
 @cli.command("config")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--sources/--no-sources", default=True, help="Show where each value came from.")
-@click.option("--defaults", is_flag=True,
-              help="Print every key at its default, documented: a starting conf/streamd.toml.")
+@click.option(
+    "--defaults",
+    is_flag=True,
+    help="Print every key at its default, documented: a starting conf/streamd.toml.",
+)
 @click.pass_context
 def config_cmd(ctx: click.Context, as_json: bool, sources: bool, defaults: bool) -> None:
     """Print the effective config (passwords masked)."""

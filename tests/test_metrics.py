@@ -128,6 +128,7 @@ def test_serve_exposes_metrics_health_and_readiness(
         return page if page.get("streamd_events_ingested_total") == 300 else None
 
     wait_until(ingested, timeout=30)
+
     def dead_counted() -> dict[str, float] | None:
         page = samples(get(port, "/metrics")[1])
         reasons = ("missing_type", "invalid_json")

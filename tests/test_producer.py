@@ -136,9 +136,7 @@ async def _consume(settings: Settings, count: int) -> None:
     """Act as the consumer group: read and acknowledge `count` entries."""
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        reply = await client.xreadgroup(
-            settings.group, "test", {settings.stream: ">"}, count=count
-        )
+        reply = await client.xreadgroup(settings.group, "test", {settings.stream: ">"}, count=count)
         ids = [entry[0] for entry in reply[0][1]] if reply else []
         if ids:
             await client.xack(settings.stream, settings.group, *ids)
