@@ -97,8 +97,12 @@ class Worker:
         pool = await postgres_pool(s, size=s.tasks + 1)
         control = redis_client(s, max_connections=s.tasks + 8)
         # Consumers read over connections of their own made from this client's settings; its
-        # socket timeout covers a blocked XREADGROUP (block_ms) on top of redis_timeout_s.
-        readers = redis_client(s, extra_timeout_s=s.block_ms / 1000, max_connections=s.tasks + 2)
+        # socket timeout covers a blocked XREADGROUP (block_ms) on top of redis_timeout_s. Each
+        # consumer keeps one and may borrow one more at a time (the dead-letter script): a pool
+        # any smaller answers "Too many connections" when every batch has a dead letter.
+        readers = redis_client(
+            s, extra_timeout_s=s.block_ms / 1000, max_connections=2 * s.tasks + 2
+        )
         streams: list[GroupStream] = []
         tasks: list[asyncio.Task[None]] = []
         try:

@@ -120,6 +120,32 @@ def test_stock_redis_cli_load_with_malformed_entries(
     assert serve.terminate() == 0
 
 
+def test_every_consumer_dead_lettering_at_once_needs_no_retry(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    """Bad entries in every batch: all consumers write dead letters at the same moment, and the
+    connections they need must be there (no 'Too many connections', no retry warnings)."""
+    total = 40_000
+    xadd(
+        env["STREAMD_REDIS_URL"],
+        (event("t", {"i": i}) if i % 50 else {"type": "t", "data": "{oops"} for i in range(total)),
+    )
+    serve = start_serve("--procs", "1", "--tasks", "8")
+    dsn = env["STREAMD_POSTGRES_DSN"]
+    wait_until(
+        lambda: (
+            count_rows(dsn, missing_ok=True) + count_rows(dsn, "dead_letter_queue", missing_ok=True)
+            == total
+        ),
+        timeout=90,
+        message="all entries ingested or dead-lettered",
+    )
+    assert count_rows(dsn, "dead_letter_queue") == total // 50
+    assert serve.terminate() == 0
+    warnings = [r for r in serve.logs() if r.get("level") in ("warning", "error")]
+    assert warnings == []
+
+
 def test_a_lone_event_is_flushed_when_the_stream_drains(
     env: dict[str, str], start_serve: Callable[..., ServeProcess]
 ) -> None:
