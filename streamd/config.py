@@ -534,4 +534,11 @@ def mask_url(url: str) -> str:
         user, sep, _password = userinfo.partition(":")
         netloc = f"{user}{':' + MASK if sep else ''}@{hostport}"
     query = re.sub(r"(?i)(password=)[^&]*", rf"\g<1>{MASK}", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if "://" not in url:
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # By hand: urlunsplit drops the // of a URL with no host (postgresql:///db?host=/run/pg).
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )

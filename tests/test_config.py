@@ -149,6 +149,11 @@ def test_mask_url() -> None:
     assert mask_url("postgresql://user:pw@h/db") == "postgresql://user:***@h/db"
     assert mask_url("postgresql://user@h/db") == "postgresql://user@h/db"
     assert mask_url("rediss://u:p%40ss@h/0") == "rediss://u:***@h/0"
+    # no host in the URL (a Unix socket given as a parameter): shown as written
+    socket_dsn = "postgresql:///app?host=/var/run/postgresql"
+    assert mask_url(socket_dsn) == socket_dsn
+    assert mask_url("postgresql:///app?password=pw#f") == "postgresql:///app?password=***#f"
+    assert mask_url("unix:///run/redis.sock?db=0") == "unix:///run/redis.sock?db=0"
 
 
 def test_shipped_config_file_documents_every_key() -> None:
