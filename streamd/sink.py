@@ -54,26 +54,30 @@ def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
     """
     parts = [_HEADER]
     extend = parts.extend
-    types: dict[bytes, bytes] = {}  # a stream has few event types: encode each field once
+    # Per batch, encode once what repeats: a stream has few event types, and entry IDs and
+    # payloads come in few lengths (the row start and the jsonb header depend only on those).
+    types: dict[bytes, bytes] = {}
+    id_heads: dict[int, bytes] = {}
+    json_heads: dict[int, bytes] = {}
     for entry_id, event_type, payload, produced_us, meta, _fields in rows:
         type_field = types.get(event_type)
         if type_field is None:
             type_field = types[event_type] = _pack_i(len(event_type)) + event_type
-        # jsonb's binary format is a version byte (1), then the JSON text.
-        extend(
-            (
-                row_start,
-                _pack_i(len(entry_id)),
-                entry_id,
-                type_field,
-                _pack_json(len(payload) + 1, 1),
-                payload,
-                _pack_ts(8, produced_us),
-            )
-        )
+        size = len(entry_id)
+        id_head = id_heads.get(size)
+        if id_head is None:
+            id_head = id_heads[size] = row_start + _pack_i(size)
+        size = len(payload)
+        json_head = json_heads.get(size)
+        if json_head is None:
+            # jsonb's binary format is a version byte (1), then the JSON text.
+            json_head = json_heads[size] = _pack_json(size + 1, 1)
         if meta is None:
-            parts.append(_NULL)
+            extend(
+                (id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us), _NULL)
+            )
         else:
+            extend((id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us)))
             extend((_pack_json(len(meta) + 1, 1), meta))
     parts.append(_TRAILER)
     return memoryview(b"".join(parts))
