@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from streamd.config import Settings, field_names, load_settings, mask_url
+from streamd.config import SEED_ENV, Settings, field_names, load_settings, mask_url
 from streamd.config_view import render_config, render_defaults, render_reference
 from streamd.errors import ConfigError
 
@@ -187,3 +188,21 @@ def test_readme_reference_lists_every_key_with_its_default() -> None:
     assert render_reference() in readme, (
         "README.md's config reference is stale: paste streamd.config_view.render_reference()"
     )
+
+
+def test_env_example_and_compose_use_streamd_defaults() -> None:
+    """.env.example and docker-compose.yml spell the seed's names, with streamd's values: a user
+    who copies them must not get the seed's slower batching by accident."""
+    defaults = Settings()
+    example = dict(
+        line.split("#", 1)[0].strip().split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    compose = dict(
+        re.findall(r"(\w+): \$\{\1:-([^}]*)\}", (ROOT / "docker-compose.yml").read_text())
+    )
+    for name, key in SEED_ENV.items():
+        want = getattr(defaults, key)
+        assert type(want)(example[name]) == want, f".env.example {name}"
+        assert type(want)(compose[name]) == want, f"docker-compose.yml {name}"
