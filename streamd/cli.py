@@ -513,6 +513,57 @@ def bench(
     _run(body)
 
 
+# --- --config and --set after the command too ---------------------------------------------
+
+
+def _context(ctx: click.Context) -> Context:
+    obj = ctx.find_object(Context)
+    assert obj is not None, "the group's callback runs before its commands parse their options"
+    return obj
+
+
+def _set_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        _context(ctx).config_file = value
+
+
+def _add_overrides(ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> None:
+    _context(ctx).overrides.update(_parse_set(values))
+
+
+def _settings_commands(group: click.Group) -> list[click.Command]:
+    """Every command that reads the settings (not `logs`, not `dev`)."""
+    out: list[click.Command] = []
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            out += [] if command is dev else _settings_commands(command)
+        elif command is not logs:
+            out.append(command)
+    return out
+
+
+# `streamd serve --config FILE` (as systemd units and habits write it) means what
+# `streamd --config FILE serve` means; given in both places, the command's own wins.
+for _command in _settings_commands(cli):
+    _command.params += [
+        click.Option(
+            ["--config", "config_file"],
+            metavar="FILE",
+            expose_value=False,
+            callback=_set_config_file,
+            help="Config file (TOML), as `streamd --config FILE`.",
+        ),
+        click.Option(
+            ["--set", "overrides"],
+            metavar="KEY=VALUE",
+            multiple=True,
+            expose_value=False,
+            callback=_add_overrides,
+            help="Override a config key (repeatable), as `streamd --set`.",
+        ),
+    ]
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

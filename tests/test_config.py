@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -181,6 +182,22 @@ def test_cli_config_error_is_one_line_and_exit_2() -> None:
     assert result.stderr.strip().count("\n") == 0
     assert "batch_size (flag --set batch_size): must be >= 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_and_set_work_after_the_command_too(tmp_path: Path) -> None:
+    """`streamd serve --config FILE` (the systemd unit's form) is `streamd --config FILE serve`;
+    given in both places, the command's own wins, and --set values from both are merged."""
+    ignored, used = tmp_path / "ignored.toml", tmp_path / "used.toml"
+    ignored.write_text("batch_size = 111\n")
+    used.write_text("batch_size = 222\n")
+    argv = [sys.executable, "-m", "streamd", "--config", str(ignored), "--set", "tasks=7"]
+    argv += ["config", "--json", "--config", str(used), "--set", "read_count=33"]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)["settings"]
+    assert (shown["batch_size"], shown["tasks"], shown["read_count"]) == (222, 7, 33)
 
 
 def test_readme_reference_lists_every_key_with_its_default() -> None:

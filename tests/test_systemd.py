@@ -82,6 +82,23 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
     assert float(found.group(1)) < 2.0, result.stdout  # systemd's "OK" band (or "SAFE")
 
 
+def test_the_units_command_line_runs_serve_with_its_config_file(
+    start_serve: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    """ExecStart as written: its options after `serve`, with the config file it names (here a
+    copy in tmp_path), must start serve and read that file."""
+    argv = unit_values()["ExecStart"][0].split()
+    assert argv[:2] == ["/usr/local/bin/streamd", "serve"]
+    config = tmp_path / "streamd.toml"
+    config.write_text("tasks = 3\n")
+    args = [str(config) if arg == "/etc/streamd/streamd.toml" else arg for arg in argv[2:]]
+    assert str(config) in args
+    serve = start_serve(*args, "--procs", "1")
+    serve.wait_ready()
+    assert serve.events("worker_started")[0]["tasks"] == 3
+    assert serve.terminate() == 0
+
+
 def test_unit_matches_the_supervisor() -> None:
     values = unit_values()
     one = {key: vals[-1] for key, vals in values.items()}
