@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
+from streamd.cpus import available_cpus
 from streamd.errors import ConfigError
 
 ENV_PREFIX = "STREAMD_"
@@ -164,7 +165,7 @@ class Settings:
 
     def resolved_procs(self) -> int:
         if self.procs == "auto":
-            return max(1, len(os.sched_getaffinity(0)))
+            return available_cpus()
         return self.procs
 
     def masked(self) -> dict[str, Any]:
