@@ -305,6 +305,7 @@ def drain_raw(lab: Lab, n: int) -> tuple[float, CpuSample]:
 
 
 CONTENDERS = ("seed design", "streamd", "raw parallel COPY")
+CPU_PARTS = ("consumer", "redis", "postgres")
 
 
 @dataclass
@@ -322,9 +323,6 @@ class DrainResult:
         return CpuSample(
             *(statistics.median(getattr(s, part) for s in samples) for part in CPU_PARTS)
         )
-
-
-CPU_PARTS = ("consumer", "redis", "postgres")
 
 
 def bench_drain(lab: Lab, n: int, repeat: int) -> DrainResult:

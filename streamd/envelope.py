@@ -65,7 +65,6 @@ def split_entries(
     rows: list[Row] = []
     rejects: list[Rejection] = []
     append = rows.append
-    max_type, epoch_ms, max_ts = MAX_TYPE_BYTES, PG_EPOCH_MS, MAX_TS_MS  # locals: per entry
     for entry_id, fields in entries:
         # Fast paths: the exact layouts well-behaved producers write, streamd's own included
         # (type, data, ts); anything else is checked field by field.
@@ -74,17 +73,17 @@ def split_entries(
             (size == 4 or (size == 6 and fields[4] == b"ts"))
             and fields[0] == b"type"
             and fields[2] == b"data"
-            and 0 < len(fields[1]) <= max_type
+            and 0 < len(fields[1]) <= MAX_TYPE_BYTES
             and len(fields[3]) <= max_event_bytes
         ):
             if size == 4:
-                produced_us = (int(entry_id[: entry_id.index(b"-")]) - epoch_ms) * 1000
+                produced_us = (int(entry_id[: entry_id.index(b"-")]) - PG_EPOCH_MS) * 1000
             else:
-                ts = fields[5]  # _ts_us, inlined: it is the hot path's costliest call
-                if len(ts) > 20 or not ts.isdigit() or (ms := int(ts)) > max_ts:
-                    rejects.append(_invalid_ts(entry_id, fields, ts))
+                ts_us = _ts_us(fields[5])
+                if ts_us is None:
+                    rejects.append(_invalid_ts(entry_id, fields, fields[5]))
                     continue
-                produced_us = (ms - epoch_ms) * 1000
+                produced_us = ts_us
             append((entry_id, fields[1], fields[3], produced_us, None, fields))
             continue
         parsed = _parse_slow(entry_id, fields, max_event_bytes, keep_extra_fields)

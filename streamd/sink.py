@@ -72,12 +72,10 @@ def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
         if json_head is None:
             # jsonb's binary format is a version byte (1), then the JSON text.
             json_head = json_heads[size] = _pack_json(size + 1, 1)
+        extend((id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us)))
         if meta is None:
-            extend(
-                (id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us), _NULL)
-            )
+            parts.append(_NULL)
         else:
-            extend((id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us)))
             extend((_pack_json(len(meta) + 1, 1), meta))
     parts.append(_TRAILER)
     return memoryview(b"".join(parts))
