@@ -209,9 +209,9 @@ demo_py() {
     "$VENV/bin/python" - "$@" <<'PY'
 import asyncio, sys, time
 
-from streamd.config import load_settings
-from streamd.connections import postgres_connect, redis_client
-from streamd.sink import quote_ident
+from streamd.config.settings import load_settings
+from streamd.backends.connections import postgres_connect, redis_client
+from streamd.pipeline.sink import quote_ident
 
 s = load_settings()[0]
 

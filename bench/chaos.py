@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the driver lives with the tests
 
-from streamd.devservers import PostgresServer, RedisServer  # noqa: E402
+from streamd.dev.servers import PostgresServer, RedisServer  # noqa: E402
 from tests.chaos import FAULTS, Chaos, ChaosConfig, Figures  # noqa: E402
 from tests.helpers import ServeProcess  # noqa: E402
 

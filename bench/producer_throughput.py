@@ -15,8 +15,8 @@ import time
 
 import uvloop
 
-from streamd.producer import Producer
-from streamd.samples import SampleEvents
+from streamd.client.producer import Producer
+from streamd.tools.samples import SampleEvents
 
 
 async def run(url: str, events: int, batch: int, concurrency: int) -> float:

@@ -13,8 +13,8 @@ import time
 
 import asyncpg
 
-from streamd.envelope import PG_EPOCH_MS, Row
-from streamd.sink import PostgresSink
+from streamd.pipeline.envelope import PG_EPOCH_MS, Row
+from streamd.pipeline.sink import PostgresSink
 
 
 def make_rows(payloads: list[tuple[str, bytes]], first_ms: int) -> list[Row]:

@@ -47,10 +47,10 @@ import psutil
 import redis
 
 from bench.raw_copy import copy_parallel, make_rows
-from streamd.config import load_settings
-from streamd.devservers import PostgresServer, RedisServer, initdb
-from streamd.producer import Producer
-from streamd.samples import SampleEvents
+from streamd.client.producer import Producer
+from streamd.config.settings import load_settings
+from streamd.dev.servers import PostgresServer, RedisServer, initdb
+from streamd.tools.samples import SampleEvents
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work"

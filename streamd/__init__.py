@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from streamd.producer import (
+    from streamd.client.producer import (
         BacklogFull,
         InvalidEvent,
         PartialBatch,
@@ -19,12 +19,12 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
-    "Producer": "streamd.producer",
-    "SyncProducer": "streamd.producer",
-    "ProducerError": "streamd.producer",
-    "InvalidEvent": "streamd.producer",
-    "BacklogFull": "streamd.producer",
-    "PartialBatch": "streamd.producer",
+    "Producer": "streamd.client.producer",
+    "SyncProducer": "streamd.client.producer",
+    "ProducerError": "streamd.client.producer",
+    "InvalidEvent": "streamd.client.producer",
+    "BacklogFull": "streamd.client.producer",
+    "PartialBatch": "streamd.client.producer",
 }
 
 __all__ = [

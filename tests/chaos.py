@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import psutil
 
-from streamd.devservers import PostgresServer, RedisServer
+from streamd.dev.servers import PostgresServer, RedisServer
 from tests.helpers import ServeProcess
 from tests.load import Outcome, Producer, wait_for_outcome
 from tests.proxy import TcpProxy

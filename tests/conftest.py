@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from streamd.config import Settings, field_names, load_settings
-from streamd.devservers import PostgresServer, RedisServer, initdb
+from streamd.config.settings import Settings, field_names, load_settings
+from streamd.dev.servers import PostgresServer, RedisServer, initdb
 from tests.helpers import ServeProcess, pg_execute
 
 # Names that would leak the developer's own setup into a test: streamd's, the seed's, systemd's.

@@ -10,12 +10,12 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from streamd.bench import RunRows
-from streamd.config import Settings
-from streamd.connections import postgres_connect
-from streamd.producer import Producer
-from streamd.samples import SampleEvents
-from streamd.status_file import read_status_files
+from streamd.backends.connections import postgres_connect
+from streamd.client.producer import Producer
+from streamd.config.settings import Settings
+from streamd.observability.status_file import read_status_files
+from streamd.tools.bench import RunRows
+from streamd.tools.samples import SampleEvents
 from tests.helpers import ServeProcess, count_rows, pg_execute, wait_until
 from tests.streamd_cli import explain, run_streamd
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from streamd.devservers import PostgresServer, RedisServer
+from streamd.dev.servers import PostgresServer, RedisServer
 from tests.chaos import Chaos, ChaosConfig
 from tests.helpers import ServeProcess
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from streamd.config import SEED_ENV, Settings, field_names, load_settings, mask_url
-from streamd.config_view import render_config, render_defaults, render_reference
+from streamd.config.settings import SEED_ENV, Settings, field_names, load_settings, mask_url
+from streamd.config.view import render_config, render_defaults, render_reference
 from streamd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from streamd.config import Settings
-from streamd.cpus import available_cpus, cgroup_cpu_limit
+from streamd.config.cpus import available_cpus, cgroup_cpu_limit
+from streamd.config.settings import Settings
 
 
 def tree(tmp_path: Path, cgroup_lines: str, files: dict[str, str]) -> tuple[Path, Path]:

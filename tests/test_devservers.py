@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from streamd.config import Settings
-from streamd.devservers import (
+from streamd.config.settings import Settings
+from streamd.dev.servers import (
     DevServerError,
     PostgresServer,
     RedisServer,

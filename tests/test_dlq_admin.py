@@ -17,9 +17,9 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from streamd.config import Settings
-from streamd.connections import postgres_connect, redis_client
-from streamd.dlq_admin import DeadLetters, parse_before
+from streamd.backends.connections import postgres_connect, redis_client
+from streamd.config.settings import Settings
+from streamd.tools.dlq_admin import DeadLetters, parse_before
 from tests.helpers import (
     ServeProcess,
     count_rows,

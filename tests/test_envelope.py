@@ -6,8 +6,8 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamd.dlq import decode_fields, encode_fields
-from streamd.envelope import META, PG_EPOCH_MS, PRODUCED_US, split_entries
+from streamd.pipeline.dead_letters import decode_fields, encode_fields
+from streamd.pipeline.envelope import META, PG_EPOCH_MS, PRODUCED_US, split_entries
 
 MAX = 1000
 

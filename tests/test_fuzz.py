@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from streamd.dlq import decode_fields
+from streamd.pipeline.dead_letters import decode_fields
 from tests.helpers import ServeProcess, pending_count, redis_client, run_async, wait_until
 
 pytestmark = pytest.mark.timeout(300)

@@ -18,13 +18,13 @@ import asyncpg
 import pytest
 import redis.exceptions
 
-from streamd.config import Settings
-from streamd.connections import postgres_pool, redis_client
-from streamd.consumer import BatchWriter
-from streamd.devservers import PostgresServer, RedisServer
-from streamd.schema import apply_schema
-from streamd.sink import PostgresSink
-from streamd.streams import GroupStream, RawConnection, ensure_group
+from streamd.backends.connections import postgres_pool, redis_client
+from streamd.backends.schema import apply_schema
+from streamd.config.settings import Settings
+from streamd.dev.servers import PostgresServer, RedisServer
+from streamd.pipeline.sink import PostgresSink
+from streamd.pipeline.streams import GroupStream, RawConnection, ensure_group
+from streamd.worker.consumer import BatchWriter
 from tests.helpers import ServeProcess, async_wait_until, count_rows, wait_until
 from tests.load import Outcome, producing, wait_for_outcome
 from tests.proxy import TcpProxy

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from streamd.devservers import PostgresServer, RedisServer, free_port
+from streamd.dev.servers import PostgresServer, RedisServer, free_port
 from tests.helpers import (
     ServeProcess,
     count_rows,

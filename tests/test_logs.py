@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streamd.logview import LogView, format_record, last_lines_offset
+from streamd.observability.logview import LogView, format_record, last_lines_offset
 from tests.helpers import ServeProcess, wait_until
 from tests.streamd_cli import explain, run_streamd
 

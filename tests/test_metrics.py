@@ -14,12 +14,12 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamd.config import Settings
-from streamd.consumer import BatchReport
-from streamd.devservers import PostgresServer
-from streamd.envelope import PG_EPOCH_MS, Rejection
-from streamd.metrics import LATENCY_BUCKETS, WorkerMetrics, worker_observer
-from streamd.status_file import read_status_files
+from streamd.config.settings import Settings
+from streamd.dev.servers import PostgresServer
+from streamd.observability.metrics import LATENCY_BUCKETS, WorkerMetrics, worker_observer
+from streamd.observability.status_file import read_status_files
+from streamd.pipeline.envelope import PG_EPOCH_MS, Rejection
+from streamd.worker.consumer import BatchReport
 from tests.helpers import ServeProcess, event, wait_until, xadd
 
 pytestmark = pytest.mark.timeout(120)

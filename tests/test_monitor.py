@@ -14,10 +14,10 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-import streamd.monitor
-from streamd.config import Settings
-from streamd.devservers import PostgresServer
-from streamd.monitor import Monitor
+import streamd.observability.monitor
+from streamd.config.settings import Settings
+from streamd.dev.servers import PostgresServer
+from streamd.observability.monitor import Monitor
 from tests.helpers import ServeProcess, count_rows, event, pg_execute, wait_until, xadd
 from tests.streamd_cli import explain, run_streamd
 
@@ -194,7 +194,9 @@ async def test_monitor_api_estimates_on_big_tables(
         assert await m.dlq_length() == 1
         exact = await m.postgres_stats()
         assert (exact.total_events, exact.total_estimated) == (300, False)
-        monkeypatch.setattr(streamd.monitor, "EXACT_MAX_BYTES", 0)  # every table is "big" now
+        monkeypatch.setattr(
+            streamd.observability.monitor, "EXACT_MAX_BYTES", 0
+        )  # every table is "big" now
         estimated = await m.get_postgres_stats()
     assert estimated.total_estimated and estimated.by_type_estimated
     assert estimated.total_events == pytest.approx(300, rel=0.2)
@@ -208,7 +210,7 @@ def test_last_minute_from_insert_counters_once_a_minute_was_watched(
     """On a big table the dashboard stops counting the last minute's rows once it has its own
     n_tup_ins samples a minute apart."""
     clock = [1000.0]
-    monkeypatch.setattr(streamd.monitor.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(streamd.observability.monitor.time, "monotonic", lambda: clock[0])
     m = Monitor(settings)
     seen = []
     for inserted in range(0, 100_000, 5_000):  # 5,000 rows every 5 s: 1,000 rows/s

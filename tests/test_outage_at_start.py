@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 import redis.exceptions
 
-from streamd.config import Settings
-from streamd.devservers import RedisServer
+from streamd.backends.preflight import postgres_error, redis_error
+from streamd.config.settings import Settings
+from streamd.dev.servers import RedisServer
 from streamd.errors import BootError, ServiceUnavailable
-from streamd.preflight import postgres_error, redis_error
 from tests.helpers import redis_client, xadd
 from tests.streamd_cli import explain, run_streamd
 

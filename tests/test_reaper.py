@@ -18,13 +18,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from streamd.config import Settings
-from streamd.connections import postgres_pool, redis_client
-from streamd.consumer import BatchWriter
-from streamd.preflight import preflight
-from streamd.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
-from streamd.sink import PostgresSink
-from streamd.streams import GroupStream, command
+from streamd.backends.connections import postgres_pool, redis_client
+from streamd.backends.preflight import preflight
+from streamd.config.settings import Settings
+from streamd.pipeline.sink import PostgresSink
+from streamd.pipeline.streams import GroupStream, command
+from streamd.worker.consumer import BatchWriter
+from streamd.worker.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
 from tests.helpers import async_wait_until, event
 
 pytestmark = pytest.mark.timeout(60)

@@ -20,7 +20,7 @@ import asyncpg
 import psutil
 import pytest
 
-from streamd.devservers import (
+from streamd.dev.servers import (
     PostgresServer,
     RedisServer,
     free_port,

@@ -8,12 +8,12 @@ import asyncpg
 import orjson
 import pytest
 
-from streamd import sink as sink_module
-from streamd.config import Settings
-from streamd.connections import postgres_connect
-from streamd.envelope import PG_EPOCH_MS, Rejection, Row, split_entries
-from streamd.schema import apply_schema
-from streamd.sink import PostgresSink
+from streamd.backends.connections import postgres_connect
+from streamd.backends.schema import apply_schema
+from streamd.config.settings import Settings
+from streamd.pipeline import sink as sink_module
+from streamd.pipeline.envelope import PG_EPOCH_MS, Rejection, Row, split_entries
+from streamd.pipeline.sink import PostgresSink
 
 
 @pytest.fixture

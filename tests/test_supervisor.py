@@ -25,7 +25,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from streamd.child import (
+from streamd.config.settings import Settings
+from streamd.dev.servers import free_port, wait_gone
+from streamd.errors import EXIT_CRASH_LOOP
+from streamd.observability.status_file import read_status_files
+from streamd.supervisor.arbiter import CrashLoopError, Supervisor
+from streamd.supervisor.child import (
     MSG_HEARTBEAT,
     MSG_READY,
     WORKER,
@@ -33,14 +38,9 @@ from streamd.child import (
     metrics_available,
     parse_line,
 )
-from streamd.children import Child
-from streamd.config import Settings
-from streamd.devservers import free_port, wait_gone
-from streamd.errors import EXIT_CRASH_LOOP
-from streamd.restarts import RestartPolicy
-from streamd.status_file import read_status_files
-from streamd.supervisor import CrashLoopError, Supervisor
-from streamd.systemd import Notifier
+from streamd.supervisor.children import Child
+from streamd.supervisor.restarts import RestartPolicy
+from streamd.supervisor.systemd import Notifier
 from tests.helpers import (
     ServeProcess,
     count_rows,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from streamd import systemd
-from streamd.config import Settings
+from streamd.config.settings import Settings
 from streamd.errors import EXIT_BOOT, EXIT_USAGE
-from streamd.systemd import Notifier
+from streamd.supervisor import systemd
+from streamd.supervisor.systemd import Notifier
 from tests.helpers import ServeProcess, wait_until
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "streamd.service"

@@ -1,0 +1,146 @@
+"""Building Redis clients and Postgres connections from Settings (passwords, TLS, timeouts).
+
+Only this module turns settings into connection arguments, so every command connects the same way.
+Retries are streamd's own (capped backoff with jitter, see retry.py): the clients are built not to
+retry behind our back, so a timeout surfaces when it happens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from streamd.config.settings import Settings, mask_url
+
+
+def _identity(response: Any, **_options: Any) -> Any:
+    return response
+
+
+class _ClosedTransportIsConnectionError:
+    """A command written to a connection that the peer reset while it sat idle raises, under
+    uvloop, RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler
+    is closed") where asyncio raises an OSError. redis-py has already dropped the connection by
+    then; report it as the lost connection it is, so the caller's retry reconnects instead of the
+    worker crashing (found by tests/test_hung.py, network cut through a proxy)."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:
+            if "closed" not in str(exc):
+                raise
+            raise redis.exceptions.ConnectionError(f"connection lost: {exc}") from None
+
+
+class _Connection(_ClosedTransportIsConnectionError, aioredis.Connection):
+    pass
+
+
+class _SSLConnection(_ClosedTransportIsConnectionError, aioredis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_ClosedTransportIsConnectionError, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+_CONNECTION_CLASSES: dict[type[Any], type[Any]] = {
+    aioredis.Connection: _Connection,
+    aioredis.SSLConnection: _SSLConnection,
+    aioredis.UnixDomainSocketConnection: _UnixConnection,
+}
+
+
+# Replies streamd parses itself, per batch: redis-py's callbacks would build a dict per entry.
+RAW_REPLY_COMMANDS = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM")
+
+
+def redis_client(
+    settings: Settings,
+    *,
+    single_connection: bool = False,
+    extra_timeout_s: float = 0.0,
+    max_connections: int | None = None,
+    client_name: str | None = None,
+) -> aioredis.Redis:
+    """A Redis client. `extra_timeout_s` covers BLOCK time for clients that do blocking reads."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_s + extra_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "single_connection_client": single_connection,
+    }
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
+    if client_name:
+        kwargs["client_name"] = client_name
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password
+    if urlsplit(settings.redis_url).scheme == "rediss":
+        kwargs["ssl_cert_reqs"] = "required"
+        if settings.redis_ca_file:
+            kwargs["ssl_ca_certs"] = settings.redis_ca_file
+        if settings.redis_cert_file:
+            kwargs["ssl_certfile"] = settings.redis_cert_file
+        if settings.redis_key_file:
+            kwargs["ssl_keyfile"] = settings.redis_key_file
+    client = aioredis.Redis.from_url(settings.redis_url, **kwargs)
+    pool = client.connection_pool  # no connection exists yet: they are made on first use
+    pool.connection_class = _CONNECTION_CLASSES.get(pool.connection_class, pool.connection_class)
+    for command in RAW_REPLY_COMMANDS:
+        client.set_response_callback(command, _identity)
+    return client
+
+
+def postgres_kwargs(settings: Settings) -> dict[str, Any]:
+    """Arguments shared by asyncpg.connect and asyncpg.create_pool."""
+    timeout_ms = int(settings.postgres_timeout_s * 1000)
+    kwargs: dict[str, Any] = {
+        "dsn": settings.postgres_dsn,
+        "timeout": settings.postgres_timeout_s,  # connect timeout
+        # The client-side limit is a little longer, so the server's statement_timeout (which
+        # leaves the connection usable) normally fires first.
+        "command_timeout": settings.postgres_timeout_s + 5,
+        "server_settings": {
+            "application_name": "streamd",
+            "statement_timeout": str(timeout_ms),
+            "idle_in_transaction_session_timeout": str(timeout_ms * 2),
+        },
+    }
+    if settings.postgres_password:
+        kwargs["password"] = settings.postgres_password
+    return kwargs
+
+
+async def postgres_connect(settings: Settings) -> asyncpg.Connection:
+    return await asyncpg.connect(**postgres_kwargs(settings))
+
+
+async def postgres_pool(settings: Settings, size: int) -> asyncpg.Pool:
+    # min_size=0: no background reconnect loop of the pool's own during an outage; streamd's
+    # retries (with backoff and one log line each) decide when to try again.
+    # reset: asyncpg's default runs a query (RESET ALL, UNLISTEN, ...) on every release, a round
+    # trip per batch; streamd changes no session state, and an open transaction is still
+    # rolled back by the pool before any reset hook runs.
+    return await asyncpg.create_pool(
+        min_size=0, max_size=size, reset=_keep_session, **postgres_kwargs(settings)
+    )
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo."""
+
+
+def describe_redis(settings: Settings) -> str:
+    return mask_url(settings.redis_url)
+
+
+def describe_postgres(settings: Settings) -> str:
+    return mask_url(settings.postgres_dsn)

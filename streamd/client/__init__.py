@@ -1,0 +1,1 @@
+"""The Producer API that applications use to write events. It never imports the daemon."""

@@ -1,0 +1,1 @@
+"""Small helpers every layer may use: asyncio waits, text from bytes, process liveness, backoff."""

@@ -1,0 +1,1 @@
+"""Private Redis and Postgres servers for trying streamd out and for its tests."""

@@ -1,0 +1,234 @@
+"""The Postgres side of a batch: binary COPY of the good rows, isolation of the rows Postgres
+refuses, and the dead-letter rows, all committed in one transaction.
+
+Fast path: one binary COPY straight into the events table, in autocommit (a single round trip).
+Otherwise everything happens in one transaction. If the batch was already (partly)
+committed before (a replay after a crash, or an entry reclaimed from a slow consumer), the primary
+key refuses it and the batch is written again through a staging table with
+`INSERT ... ON CONFLICT DO NOTHING`, which inserts only what is new. If Postgres refuses a row for
+its data (bad JSON, bad encoding, too deep), the error names the COPY line, so the refused row is
+split off and the rest is written again inside a savepoint: one bad row costs one extra COPY, not
+a batch in the DLQ. Without a line number the batch is bisected.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from streamd.pipeline import dead_letters as dlq
+from streamd.pipeline.envelope import ENTRY_ID, FIELDS, Rejection, Row
+
+_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+_TRAILER = b"\xff\xff"
+_NULL = b"\xff\xff\xff\xff"
+_COLUMNS = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
+_STAGE = "streamd_stage"
+_COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
+
+# Errors about the rows themselves: bad values (22), constraint violations other than the unique
+# key (23), and per-row limits such as JSON nested too deep or a value too large (54).
+ROW_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+
+_pack_i = struct.Struct(">i").pack
+_pack_ts = struct.Struct(">iq").pack
+_pack_json = struct.Struct(">iB").pack
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
+    """The binary COPY stream for rows: (stream, entry_id, event_type, payload, produced_at, meta).
+
+    memoryview, because asyncpg takes plain bytes for a file path.
+    """
+    parts = [_HEADER]
+    extend = parts.extend
+    # Per batch, encode once what repeats: a stream has few event types, and entry IDs and
+    # payloads come in few lengths (the row start and the jsonb header depend only on those).
+    types: dict[bytes, bytes] = {}
+    id_heads: dict[int, bytes] = {}
+    json_heads: dict[int, bytes] = {}
+    for entry_id, event_type, payload, produced_us, meta, _fields in rows:
+        type_field = types.get(event_type)
+        if type_field is None:
+            type_field = types[event_type] = _pack_i(len(event_type)) + event_type
+        size = len(entry_id)
+        id_head = id_heads.get(size)
+        if id_head is None:
+            id_head = id_heads[size] = row_start + _pack_i(size)
+        size = len(payload)
+        json_head = json_heads.get(size)
+        if json_head is None:
+            # jsonb's binary format is a version byte (1), then the JSON text.
+            json_head = json_heads[size] = _pack_json(size + 1, 1)
+        extend((id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us)))
+        if meta is None:
+            parts.append(_NULL)
+        else:
+            extend((_pack_json(len(meta) + 1, 1), meta))
+    parts.append(_TRAILER)
+    return memoryview(b"".join(parts))
+
+
+@dataclass(slots=True)
+class WriteResult:
+    inserted: int = 0  # rows new to the table
+    duplicates: int = 0  # rows already there (a replay), skipped
+    # rows Postgres refused: they become dead letters
+    refused: list[Rejection] = field(default_factory=list)
+
+
+_Method = Callable[[asyncpg.Connection, list[Row]], Awaitable[int]]
+
+
+class PostgresSink:
+    """Writes batches for one stream into one events table and one DLQ table."""
+
+    def __init__(self, stream: str, events_table: str, dlq_table: str) -> None:
+        self.stream = stream
+        self.events_table = events_table
+        # Every row starts with the column count and the (constant) stream column.
+        self._row_start = struct.pack(">h", len(_COLUMNS)) + _pack_i(len(stream.encode()))
+        self._row_start += stream.encode()
+        self._events = quote_ident(events_table)
+        self._dlq_insert = dlq.insert_sql(quote_ident(dlq_table))
+        self._stage_create = (
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
+            f"(LIKE {self._events} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        cols = ", ".join(_COLUMNS)
+        self._stage_insert = (
+            f"INSERT INTO {self._events} ({cols}) SELECT {cols} FROM {_STAGE} "
+            "ON CONFLICT (stream, entry_id) DO NOTHING"
+        )
+
+    def copy_source(self, rows: list[Row]) -> memoryview:
+        """The binary COPY stream this sink sends for rows."""
+        return encode_copy(self._row_start, rows)
+
+    async def write(
+        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult:
+        """Commit rows and dead-letter rows in one transaction. Transient errors propagate."""
+        if rows and not rejects:
+            # The common case: one COPY in autocommit, one round trip, atomic on its own. If
+            # Postgres refuses it for any row's sake, nothing was written: take the careful path.
+            try:
+                await self._copy(conn, rows)
+                return WriteResult(inserted=len(rows))
+            except ROW_ERRORS:
+                pass
+        result = WriteResult()
+        try:
+            await self._write_with(conn, rows, rejects, self._copy, result)
+        except asyncpg.UniqueViolationError:
+            # Some of these rows are already committed: write only what is new.
+            result = WriteResult()
+            await self._write_with(conn, rows, rejects, self._copy_staged, result)
+        return result
+
+    async def _write_with(
+        self,
+        conn: asyncpg.Connection,
+        rows: list[Row],
+        rejects: list[Rejection],
+        method: _Method,
+        result: WriteResult,
+    ) -> None:
+        async with conn.transaction():
+            if rows:
+                await self._insert_isolating(conn, rows, method, result)
+            dead = rejects + result.refused
+            if dead:
+                await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, dead))
+
+    async def _insert_isolating(
+        self, conn: asyncpg.Connection, rows: list[Row], method: _Method, result: WriteResult
+    ) -> None:
+        """Insert rows in the open transaction; rows Postgres refuses go to result.refused."""
+        while rows:
+            try:
+                async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
+                    inserted = await method(conn, rows)
+            except ROW_ERRORS as exc:
+                if isinstance(exc, asyncpg.UniqueViolationError):
+                    raise
+                if len(rows) == 1:
+                    result.refused.append(_refusal(rows[0], exc))
+                    return
+                bad = _failing_row(exc, len(rows))
+                if bad is None:  # no line number: bisect
+                    middle = len(rows) // 2
+                    await self._insert_isolating(conn, rows[:middle], method, result)
+                    rows = rows[middle:]
+                    continue
+                if bad:
+                    await self._insert_isolating(conn, rows[:bad], method, result)
+                result.refused.append(_refusal(rows[bad], exc))
+                rows = rows[bad + 1 :]
+            else:
+                result.inserted += inserted
+                result.duplicates += len(rows) - inserted
+                return
+
+    async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> int:
+        await conn.copy_to_table(
+            self.events_table,
+            source=self.copy_source(rows),
+            columns=_COLUMNS,
+            format="binary",
+        )
+        return len(rows)
+
+    async def _copy_staged(self, conn: asyncpg.Connection, rows: list[Row]) -> int:
+        await conn.execute(self._stage_create)
+        await conn.copy_to_table(
+            _STAGE,
+            source=self.copy_source(rows),
+            columns=_COLUMNS,
+            format="binary",
+        )
+        status = await conn.execute(self._stage_insert)
+        await conn.execute(f"TRUNCATE {_STAGE}")
+        return int(status.rsplit(" ", 1)[-1])
+
+
+def _failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:
+    """The index of the row a COPY error names ("COPY events, line 7, ..."), if any."""
+    found = _COPY_LINE.search(getattr(exc, "context", None) or "")
+    if found is None:
+        return None
+    index = int(found.group(1)) - 1
+    return index if 0 <= index < count else None
+
+
+_REASONS = {
+    "22P02": "invalid_json",  # invalid_text_representation: JSON syntax
+    "22021": "invalid_encoding",  # character_not_in_repertoire: bad UTF-8 or NUL in text
+    "22P05": "invalid_json",  # untranslatable_character: \u0000 in JSON
+    "54001": "too_deeply_nested",  # statement_too_complex: stack depth while parsing JSON
+}
+
+
+def _refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
+    where = getattr(exc, "context", None) or ""
+    column = re.search(r"column (\w+)", where)
+    field_name = {"payload": "data", "event_type": "type", "meta": "meta"}.get(
+        column.group(1) if column else "", ""
+    )
+    detail = f" ({exc.detail})" if getattr(exc, "detail", None) else ""
+    message = str(exc).splitlines()[0] + detail
+    error = f"{field_name}: {message}" if field_name else message
+    reason = _REASONS.get(exc.sqlstate or "", "rejected_by_postgres")
+    return Rejection(row[ENTRY_ID], row[FIELDS], reason, f"Postgres refused the row: {error}")

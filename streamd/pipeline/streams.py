@@ -1,0 +1,168 @@
+"""The Redis side of a batch: the consumer group, reading, and acknowledging (with dead letters).
+
+Replies of XREADGROUP and XAUTOCLAIM arrive as hiredis parsed them (lists of bytes); streamd
+never builds a dict per entry. A consumer's reads and acks go over a connection of its own,
+driven directly (RawConnection): hiredis packs each command in C, where redis-py's client layer
+packs arguments one at a time in Python, which for a batch's XACK costs more than Redis itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
+
+from streamd.pipeline import dead_letters as dlq
+from streamd.pipeline.envelope import RawEntry, Rejection
+
+
+async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group (and the stream) if missing; True if it was created.
+
+    A new group starts at the beginning of the stream, so entries written before streamd ever ran
+    are ingested too.
+    """
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.exceptions.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True
+
+
+async def command(client: aioredis.Redis, *args: Any) -> Any:
+    """A raw command; its reply is returned as hiredis parsed it (see RAW_REPLY_COMMANDS)."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+class RawConnection:
+    """One Redis connection of its own, made with the client's settings (auth, TLS, db, timeouts).
+
+    Commands are serialized by a lock (a consumer's lease renewal shares the connection with its
+    reads and acks). A command cut off by a timeout, an error or a cancellation drops the
+    connection, so a late reply can never be read as the answer to the next command; the next
+    command reconnects. `client_id` is the current connection's CLIENT ID, for CLIENT UNBLOCK.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: AbstractConnection | None = None
+        self._lock = asyncio.Lock()
+        self.client_id: int | None = None
+
+    async def call(self, *args: Any) -> Any:
+        async with self._lock:
+            try:
+                if self._conn is None:
+                    # Checked out of the client's pool and kept: closing the client closes it.
+                    self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                conn = self._conn
+                if not conn.is_connected:
+                    self.client_id = None
+                    await conn.connect()
+                if self.client_id is None:
+                    self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
+                return await self._exchange(conn, args)
+            except redis.exceptions.ResponseError:
+                raise  # an error reply: the connection is in step and stays
+            except BaseException:
+                self.client_id = None
+                if self._conn is not None:
+                    await self._conn.disconnect(nowait=True)
+                raise
+
+    @staticmethod
+    async def _exchange(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
+        await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
+        return await conn.read_response(disable_decoding=True)
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await self._conn.disconnect(nowait=True)
+            await self._pool.release(self._conn)
+            self._conn = None
+
+
+class GroupStream:
+    """One consumer's view of the stream: read new entries, acknowledge committed ones.
+
+    `client` serves the rare commands (dead-letter scripts); reads, acks and lease renewals use
+    a connection of this consumer's own, made from the client's pool settings.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        dead_stream: str,
+        dead_maxlen: int,
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.dead_stream = dead_stream
+        self.dead_maxlen = dead_maxlen
+        self._dead_letter = client.register_script(dlq.ACK_AND_DEAD_LETTER)
+        self.raw = RawConnection(client)
+
+    @property
+    def client_id(self) -> int | None:
+        """CLIENT ID of this consumer's connection (None until it connects)."""
+        return self.raw.client_id
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
+
+    async def read(
+        self, count: int, block_ms: int | None, *, own_pending: bool = False
+    ) -> list[RawEntry]:
+        """New entries for this consumer (XREADGROUP ... >); [] when there are none.
+
+        own_pending: instead, the oldest entries already delivered to this consumer and not yet
+        acknowledged (XREADGROUP ... 0).
+        """
+        args: tuple[Any, ...] = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count)
+        if block_ms is not None:
+            args += ("BLOCK", block_ms)
+        args += ("STREAMS", self.stream, "0" if own_pending else ">")
+        reply = await self.raw.call(*args)
+        if not reply:
+            return []
+        # RESP2: [[stream, entries]]; RESP3 would be {stream: entries}.
+        return next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+
+    async def ack(self, ids: Iterable[bytes], dead: list[Rejection]) -> int:
+        """XACK the committed entries and, atomically per entry, dead-letter the rejected ones.
+
+        Returns how many dead letters this call wrote to the dead stream: an entry another
+        consumer already acknowledged (it was reclaimed and committed twice) is not written again.
+        """
+        ids = tuple(ids)
+        if ids:
+            await self.raw.call("XACK", self.stream, self.group, *ids)
+        if not dead:
+            return 0
+        written = await self._dead_letter(
+            keys=[self.stream, self.dead_stream],
+            args=dlq.script_args(self.group, self.dead_maxlen, dead),
+        )
+        return int(written)
+
+    async def renew(self, ids: list[bytes]) -> None:
+        """Reset the idle time of entries this consumer holds (XCLAIM JUSTID does not count as a
+        delivery), so reapers elsewhere do not take over a batch that is slow, not abandoned."""
+        await self.raw.call("XCLAIM", self.stream, self.group, self.consumer, 0, *ids, "JUSTID")

@@ -1,0 +1,1 @@
+"""Operator tools built on the pipeline: bench, sample events, dead-letter administration."""

@@ -1,0 +1,220 @@
+"""One worker process: an event loop (uvloop), its pools, `tasks` consumers and a reaper.
+
+Everything is built here, after fork: the supervisor hands over only Settings. TERM/INT drain
+(stop reading, flush and acknowledge what is in hand, exit 0); a second INT, or QUIT, stops at
+once: entries in hand stay pending and are reclaimed later, so a fast stop loses nothing either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import uvloop
+
+from streamd.backends.connections import postgres_pool, redis_client
+from streamd.backends.preflight import preflight
+from streamd.config.settings import Settings
+from streamd.observability.log import bind_context, get_logger
+from streamd.pipeline.sink import PostgresSink
+from streamd.pipeline.streams import GroupStream
+from streamd.worker.consumer import BatchObserver, BatchWriter, Consumer
+from streamd.worker.reaper import Reaper
+
+HEARTBEAT_INTERVAL_S = 1.0
+# Every entry read allocates a few containers (hiredis lists, a row tuple), so CPython's default
+# collector (a collection per 700 allocations) spent ~11% of a worker's CPU under load rescanning
+# batches that are alive anyway. streamd's hot path makes no reference cycles; collect rarely.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+@dataclass(slots=True)
+class WorkerHooks:
+    """How a worker talks to whoever runs it (the supervisor, or nobody in single-process mode)."""
+
+    heartbeat: Callable[[], None] | None = None  # called every HEARTBEAT_INTERVAL_S from the loop
+    on_ready: Callable[[], None] | None = None  # called once all consumers are reading
+    observer: BatchObserver | None = None  # called after every flushed batch
+    extra_tasks: list[Callable[[Worker], asyncio.Task[None]]] = field(default_factory=list)
+
+
+def consumer_prefix() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, index: int = 0, hooks: WorkerHooks | None = None):
+        self.settings = settings
+        self.index = index
+        self.hooks = hooks or WorkerHooks()
+        self.log = get_logger()
+        self.consumers: list[Consumer] = []
+        self.reaper: Reaper | None = None
+        self._stop = asyncio.Event()
+        self._fast = False
+        self._interrupts = 0
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def request_stop(self, fast: bool = False) -> None:
+        self._fast = self._fast or fast
+        self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+        self.request_stop(fast=signum == signal.SIGQUIT or self._interrupts > 1)
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            # An ignored signal stays ignored (as with nohup): under the supervisor, which owns
+            # Ctrl-C, a child must not also act on the SIGINT sent to the whole process group.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+
+    # --- run -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        s = self.settings
+        bind_context(proc=self.index, pid=os.getpid())
+        # Heartbeats start before preflight, so a slow start is not mistaken for a hung loop.
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        try:
+            await preflight(s)
+        except BaseException:
+            heartbeat.cancel()
+            raise
+        pool = await postgres_pool(s, size=s.tasks + 1)
+        control = redis_client(s, max_connections=s.tasks + 8)
+        # Consumers read over connections of their own made from this client's settings; its
+        # socket timeout covers a blocked XREADGROUP (block_ms) on top of redis_timeout_s. Each
+        # consumer keeps one and may borrow one more at a time (the dead-letter script): a pool
+        # any smaller answers "Too many connections" when every batch has a dead letter.
+        readers = redis_client(
+            s, extra_timeout_s=s.block_ms / 1000, max_connections=2 * s.tasks + 2
+        )
+        streams: list[GroupStream] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            sink = PostgresSink(s.stream, s.events_table, s.dlq_table)
+            writer = BatchWriter(s, pool, sink, self.hooks.observer)
+            prefix = consumer_prefix()
+            for i in range(s.tasks):
+                streams.append(self._group_stream(readers, f"{prefix}:{i}"))
+                self.consumers.append(Consumer(s, streams[-1], writer))
+            streams.append(self._group_stream(control, f"{prefix}:reaper"))
+            self.reaper = Reaper(s, control, streams[-1], writer)
+            for i, consumer in enumerate(self.consumers):
+                tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
+            tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
+            tasks.extend(make(self) for make in self.hooks.extra_tasks)
+            self.log.info(
+                "worker_started",
+                tasks=s.tasks,
+                stream=s.stream,
+                group=s.group,
+                consumer_prefix=prefix,
+            )
+            _tune_gc()
+            if self.hooks.on_ready is not None:
+                self.hooks.on_ready()
+            await self._until_stopped(tasks)
+            await self._drain(tasks, control)
+        finally:
+            heartbeat.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for stream in streams:
+                await stream.aclose()
+            await readers.aclose()
+            await control.aclose()
+            await _close_pool(pool)
+
+    def _group_stream(self, client: aioredis.Redis, consumer: str) -> GroupStream:
+        s = self.settings
+        return GroupStream(
+            client,
+            stream=s.stream,
+            group=s.group,
+            consumer=consumer,
+            dead_stream=s.dead_stream,
+            dead_maxlen=s.dlq_stream_maxlen,
+        )
+
+    async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait for a stop request; a task that dies on its own takes the worker down with it."""
+        stop = asyncio.create_task(self._stop.wait(), name="stop-wait")
+        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if stop not in done:
+            stop.cancel()
+            for task in done:
+                task.result()  # re-raise the task's error: the supervisor restarts us
+            raise RuntimeError("a worker task ended unexpectedly")
+
+    async def _drain(self, tasks: list[asyncio.Task[None]], control: aioredis.Redis) -> None:
+        started = time.monotonic()
+        for consumer in self.consumers:
+            consumer.stop()
+        if self.reaper is not None:
+            self.reaper.stop()
+        if self._fast:
+            self.log.info("worker_stopping_fast")
+            return
+        self.log.info("worker_draining")
+        deadline = started + self.settings.graceful_timeout_s
+        pending = set(tasks)
+        while pending and time.monotonic() < deadline:
+            await self._wake_readers(control)
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+            if self._fast:
+                break
+        if pending:
+            self.log.warning("worker_drain_incomplete", tasks=len(pending))
+        else:
+            self.log.info("worker_drained", ms=round((time.monotonic() - started) * 1000, 1))
+
+    async def _wake_readers(self, control: aioredis.Redis) -> None:
+        """CLIENT UNBLOCK every consumer blocked in XREADGROUP, so it returns at once instead of
+        after block_ms (and nothing it was about to receive is left pending)."""
+        for consumer in self.consumers:
+            if consumer.client_id is not None:
+                with contextlib.suppress(Exception):
+                    await control.client_unblock(consumer.client_id)
+
+    async def _heartbeat(self) -> None:
+        interval = min(HEARTBEAT_INTERVAL_S, self.settings.heartbeat_timeout_s / 4)
+        while True:
+            if self.hooks.heartbeat is not None:
+                self.hooks.heartbeat()
+            await asyncio.sleep(interval)
+
+
+def _tune_gc() -> None:
+    """Move what start-up built (modules, pools) out of the collector's sight, collect rarely."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+async def _close_pool(pool: object) -> None:
+    close = pool.close()  # type: ignore[attr-defined]
+    try:
+        await asyncio.wait_for(close, timeout=5)
+    except (TimeoutError, Exception):
+        pool.terminate()  # type: ignore[attr-defined]
+
+
+def run_worker(settings: Settings, index: int = 0, hooks: WorkerHooks | None = None) -> None:
+    """Run one worker to completion on a fresh uvloop (call after fork, or in a plain process)."""
+    uvloop.run(Worker(settings, index, hooks).run())

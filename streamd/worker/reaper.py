@@ -1,0 +1,298 @@
+"""Recovery of the consumer group: adopt what dead local processes held, reclaim stale entries,
+dead-letter poison, delete dead consumers, trim the stream.
+
+Every step is safe with reapers running in many processes and hosts at once:
+- XAUTOCLAIM only hands an entry to one claimer (claiming resets its idle time), and a reclaimed
+  batch goes through the same BatchWriter as any batch, so Postgres holds it exactly once.
+- Adoption claims with a minimum idle time too, so two reapers racing for a dead consumer's
+  entries split them instead of taking them from each other.
+- A consumer is deleted by a script that first checks, atomically, that it owns nothing.
+- XTRIM MINID removes only entries below the oldest one any group still needs; that bound only
+  moves forward, so a trim computed a moment ago is still safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from streamd.common.aio import wait_event
+from streamd.config.settings import Settings
+from streamd.observability.log import get_logger
+from streamd.pipeline.envelope import RawEntry, Rejection
+from streamd.pipeline.retry import TRANSIENT_ERRORS, describe
+from streamd.pipeline.streams import GroupStream, command, ensure_group, is_nogroup
+from streamd.worker.consumer import BatchWriter
+
+# KEYS: stream. ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an
+# entry it read a moment ago can never be orphaned.
+_DELETE_IF_IDLE = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+# Adoption's XCLAIM min-idle-time (capped by claim_min_idle_ms): long enough that an entry another
+# reaper adopted a moment ago (claiming resets its idle time) is not claimed again.
+ADOPT_MIN_IDLE_MS = 1000
+
+
+def dead_local_pid(consumer: str, host: str | None) -> int | None:
+    """The pid of a consumer named `<host>:<pid>:<task>` when host is this one and no process with
+    that pid exists here any more; else None (another host, a live or unknown process)."""
+    parts = consumer.rsplit(":", 2)
+    if host is None or len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return None
+    pid = int(parts[1])
+    if pid == os.getpid() or pid <= 1:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except OSError:  # EPERM: alive, someone else's
+        return None
+    return None
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest stream ID greater than entry_id."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Reaper:
+    """One per worker process; its consumer name is `<host>:<pid>:reaper`."""
+
+    def __init__(
+        self, settings: Settings, client: aioredis.Redis, stream: GroupStream, writer: BatchWriter
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.stream = stream
+        self.writer = writer
+        self.log = get_logger(consumer=stream.consumer)
+        self._delete_if_idle = client.register_script(_DELETE_IF_IDLE)
+        self._stopping = asyncio.Event()
+        # Consumers of this host are `<host>:<pid>:<task>`, like this reaper's own name.
+        parts = stream.consumer.rsplit(":", 2)
+        self.host = parts[0] if len(parts) == 3 else None
+        self.reclaimed = 0
+        self.poisoned = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.run_once()
+            except TRANSIENT_ERRORS as exc:
+                if is_nogroup(exc):
+                    await ensure_group(self.client, self.settings.stream, self.settings.group)
+                else:
+                    self.log.warning("reaper_retrying", error=describe(exc))
+            await wait_event(self._stopping, self.settings.reaper_interval_s)
+
+    async def run_once(self) -> None:
+        await self.adopt_dead_local_consumers()
+        await self.reclaim()
+        await self.delete_idle_consumers()
+        if self.settings.trim:
+            await self.trim()
+
+    # --- reclaim ---------------------------------------------------------------------------
+
+    async def reclaim(self) -> int:
+        """Take over entries idle longer than claim_min_idle_ms and ingest them (or dead-letter
+        them as poison). Returns how many entries were handled."""
+        s = self.settings
+        cursor: Any = "0-0"
+        handled = 0
+        while not self._stopping.is_set():
+            reply = await command(
+                self.client,
+                "XAUTOCLAIM",
+                s.stream,
+                s.group,
+                self.stream.consumer,
+                s.claim_min_idle_ms,
+                cursor,
+                "COUNT",
+                s.batch_size,
+            )
+            cursor, entries = reply[0], reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                self.log.warning(
+                    "pending_entries_deleted",
+                    count=len(deleted),
+                    note="removed from the stream by another client before ingest",
+                )
+            if entries:
+                handled += await self._ingest_claimed(entries)
+            if _text(cursor) == "0-0":
+                return handled
+        return handled
+
+    # --- adopt ----------------------------------------------------------------------------
+
+    async def adopt_dead_local_consumers(self) -> int:
+        """Take over at once what consumers of processes that died on this host held, then
+        delete those consumers. Returns how many entries were handled.
+
+        claim_min_idle_ms must outlast a slow but live consumer's batch, so waiting for it delays
+        a killed worker's entries by a minute. A consumer whose process is gone (its pid no longer
+        exists on this host: killed, crashed, or a previous serve) cannot be working on anything,
+        so there is nothing to wait for.
+        """
+        if self.host is None:
+            return 0
+        s = self.settings
+        handled = 0
+        for info in await self.client.xinfo_consumers(s.stream, s.group):
+            name = _text(info["name"])
+            if dead_local_pid(name, self.host) is None:
+                continue
+            adopted = await self._adopt(name) if int(info["pending"]) else 0
+            handled += adopted
+            if await self._delete_if_idle(keys=[s.stream], args=[s.group, name]) != -1:
+                self.log.info("dead_consumer_adopted", dead_consumer=name, entries=adopted)
+        return handled
+
+    async def _adopt(self, dead: str) -> int:
+        s = self.settings
+        min_idle = min(ADOPT_MIN_IDLE_MS, s.claim_min_idle_ms)
+        handled = 0
+        while not self._stopping.is_set():
+            rows = await self.client.xpending_range(
+                s.stream, s.group, min="-", max="+", count=s.batch_size, consumername=dead
+            )
+            ids = [_raw_id(row["message_id"]) for row in rows]
+            if not ids:
+                break
+            entries = await command(
+                self.client, "XCLAIM", s.stream, s.group, self.stream.consumer, min_idle, *ids
+            )
+            # Entries deleted from the stream meanwhile come back as nothing: drop those.
+            entries = [e for e in entries if e is not None and e[1] is not None]
+            if not entries:
+                break  # too fresh, or another reaper took them: the next round looks again
+            handled += await self._ingest_claimed(entries)
+        return handled
+
+    async def _ingest_claimed(self, entries: list[RawEntry]) -> int:
+        deliveries = await self._delivery_counts(entries)
+        limit = self.settings.max_deliveries
+        live: list[RawEntry] = []
+        poison: list[Rejection] = []
+        for entry in entries:
+            entry_id, fields = entry[0], entry[1]
+            count = deliveries.get(entry_id, 1)
+            if count > limit and fields is not None:
+                poison.append(
+                    Rejection(
+                        entry_id,
+                        fields,
+                        "poison",
+                        f"delivered {count} times (max_deliveries is {limit}), never committed",
+                        deliveries=count,
+                    )
+                )
+            else:
+                live.append(entry)
+        await self.writer.flush(self.stream, live, self.log, extra_dead=poison)
+        self.reclaimed += len(live)
+        self.poisoned += len(poison)
+        self.log.info("entries_reclaimed", count=len(live), poison=len(poison))
+        return len(entries)
+
+    async def _delivery_counts(self, entries: list[RawEntry]) -> dict[bytes, int]:
+        """Delivery counters (XPENDING) of entries this reaper just claimed."""
+        first, last = entries[0][0], entries[-1][0]
+        # xpending_range, not a raw XPENDING: redis-py would parse that reply as the summary form.
+        rows = await self.client.xpending_range(
+            self.settings.stream,
+            self.settings.group,
+            min=first,
+            max=last,
+            count=len(entries),
+            consumername=self.stream.consumer,
+        )
+        return {_raw_id(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    # --- consumers -------------------------------------------------------------------------
+
+    async def delete_idle_consumers(self) -> list[str]:
+        """Delete consumers idle longer than consumer_idle_delete_ms that own nothing."""
+        s = self.settings
+        deleted: list[str] = []
+        for info in await self.client.xinfo_consumers(s.stream, s.group):
+            name = _text(info["name"])
+            if int(info["pending"]) or int(info["idle"]) < s.consumer_idle_delete_ms:
+                continue
+            if await self._delete_if_idle(keys=[s.stream], args=[s.group, name]) != -1:
+                deleted.append(name)
+        if deleted:
+            self.log.info("consumers_deleted", count=len(deleted), names=deleted)
+        return deleted
+
+    # --- trim ------------------------------------------------------------------------------
+
+    async def trim(self) -> int:
+        """XTRIM MINID to the oldest entry any group still needs; returns entries removed."""
+        minid = await self.oldest_needed_id()
+        if minid is None:
+            return 0
+        # An approximate trim (whole listpack nodes only: cheap) does at most ~10,000 entries of
+        # work per call, to keep Redis responsive; repeat until it has caught up with the group.
+        removed = 0
+        while not self._stopping.is_set():
+            step = int(await self.client.xtrim(self.settings.stream, minid=minid, approximate=True))
+            removed += step
+            if step == 0:
+                break
+        if removed:
+            self.log.debug("stream_trimmed", removed=removed, minid=minid)
+        return removed
+
+    async def oldest_needed_id(self) -> str | None:
+        """The lowest ID any group still needs: its oldest pending entry, else the entry after its
+        last delivered one. None when the stream has no group (then nothing is known to be done).
+        """
+        groups = await self.client.xinfo_groups(self.settings.stream)
+        if not groups:
+            return None
+        needed: list[tuple[int, int]] = []
+        for group in groups:
+            name = _text(group["name"])
+            if int(group["pending"]):
+                summary = await self.client.xpending(self.settings.stream, name)
+                if summary["min"] is None:
+                    return None  # acked in between: decide next round, never guess
+                needed.append(_id_key(_text(summary["min"])))
+            else:
+                needed.append(_id_key(next_id(_text(group["last-delivered-id"]))))
+        if not needed:
+            return None
+        ms, seq = min(needed)
+        return f"{ms}-{seq}"
+
+
+def _raw_id(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
