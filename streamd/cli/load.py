@@ -1,0 +1,118 @@
+"""`streamd produce` and `streamd bench`: sample events and the end-to-end benchmark."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from streamd.cli.app import Context, cli, configured, round_trip_batch, run
+
+
+@cli.command()
+@click.argument("count", type=click.IntRange(1), metavar="N")
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    metavar="R",
+    help="Events per second (default: as fast as possible).",
+)
+@round_trip_batch(default=500)
+@click.option(
+    "--type",
+    "event_type",
+    metavar="T",
+    help="Only this sample type (default: all five, mixed): user_created, order_placed, "
+    "payment_processed, product_viewed, order_shipped.",
+)
+@click.pass_context
+def produce(
+    ctx: click.Context, count: int, rate: float | None, batch_size: int, event_type: str | None
+) -> None:
+    """Produce N sample events to the stream (waits while the backlog is above max_backlog)."""
+    import uvloop
+
+    from streamd.tools.samples import produce_samples
+
+    def body() -> None:
+        settings = configured(ctx)
+        uvloop.run(
+            produce_samples(
+                settings, count, rate=rate, batch_size=batch_size, event_type=event_type
+            )
+        )
+
+    run(body)
+
+
+@cli.command()
+@click.option("--rate", type=click.FloatRange(0, min_open=True), metavar="R", help="Events/s.")
+@click.option(
+    "--duration",
+    "duration_s",
+    type=click.FloatRange(0, min_open=True),
+    metavar="D",
+    help="Seconds.",
+)
+@click.option(
+    "--drain", type=click.IntRange(1), metavar="N", help="Instead: pre-fill N, time the drain."
+)
+@click.option("--serve", "own_serve", is_flag=True, help="Start (and stop) a serve of its own.")
+@click.option(
+    "--procs", type=click.IntRange(1, 256), default=1, show_default=True, help="With --serve."
+)
+@round_trip_batch(default=1000)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    metavar="S",
+    help="Give up waiting for rows after S seconds without progress.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (progress: stderr).")
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    rate: float | None,
+    duration_s: float | None,
+    drain: int | None,
+    own_serve: bool,
+    procs: int,
+    batch_size: int,
+    wait_s: float,
+    as_json: bool,
+) -> None:
+    """End-to-end benchmark: rate accuracy, latency percentiles, exactly-once check.
+
+    Either --rate R --duration D, or --drain N. Against a running serve, or --serve.
+    Exits 1 if any event was lost or duplicated.
+    """
+    import uvloop
+
+    from streamd.tools.bench import BenchPlan, run_bench
+
+    if drain is None and (rate is None or duration_s is None):
+        raise click.UsageError("give --rate R and --duration D, or --drain N")
+    if drain is not None and (rate is not None or duration_s is not None):
+        raise click.UsageError("--drain N cannot be combined with --rate/--duration")
+    obj: Context = ctx.obj
+    global_args = ["--config", obj.config_file] if obj.config_file else []
+    for key, value in obj.overrides.items():
+        global_args += ["--set", f"{key}={value}"]
+    plan = BenchPlan(
+        rate=rate,
+        duration_s=duration_s,
+        drain=drain,
+        batch_size=batch_size,
+        serve_procs=procs if own_serve else None,
+        wait_s=wait_s,
+        global_args=global_args,
+    )
+
+    def body() -> None:
+        settings = configured(ctx)
+        sys.exit(uvloop.run(run_bench(settings, plan, as_json=as_json)))
+
+    run(body)

@@ -1,0 +1,115 @@
+"""`streamd serve`, `streamd db` and `streamd config`: the pipeline, its schema, its settings."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from streamd.cli.app import cli, configured, run
+from streamd.config.settings import Settings
+
+
+def _procs(value: str | None) -> str | None:
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter("must be 'auto' or a number >= 1", param_hint="--procs")
+    return value
+
+
+@cli.command()
+@click.option(
+    "--procs",
+    metavar="auto|N",
+    callback=lambda _c, _p, v: _procs(v),
+    help="Worker processes (default: auto, one per CPU core). Env STREAMD_PROCS.",
+)
+@click.option(
+    "--tasks",
+    type=click.IntRange(1, 256),
+    metavar="N",
+    help="Consumer tasks per process (default 5). Env STREAMD_TASKS.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Events per batch (default 2000). Env STREAMD_BATCH_SIZE.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Port for /metrics, /healthz, /readyz on metrics_host; 0 disables.",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    procs: str | None,
+    tasks: int | None,
+    batch_size: int | None,
+    metrics_port: int | None,
+) -> None:
+    """Run the pipeline until SIGTERM/SIGINT (then flush, acknowledge and exit 0).
+
+    Creates the schema and the consumer group if missing. SIGHUP reloads the config.
+    """
+    flags = {"procs": procs, "tasks": tasks, "batch_size": batch_size, "metrics_port": metrics_port}
+
+    def reload() -> Settings:
+        """Settings read afresh (SIGHUP), with the same file, flags and --set values."""
+        settings: Settings = ctx.obj.settings(**flags)[0]
+        return settings
+
+    def body() -> None:
+        settings = configured(ctx, **flags)
+        # Imported once the settings are known good: a config error answers without the wait.
+        from streamd.supervisor.serve import serve as run_serve
+
+        sys.exit(run_serve(settings, reload=reload))
+
+    run(body)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("init")
+@click.pass_context
+def db_init(ctx: click.Context) -> None:
+    """Create or upgrade the events and dead-letter tables (idempotent)."""
+    from streamd.backends.preflight import check_postgres
+
+    def body() -> None:
+        settings = configured(ctx)
+        asyncio.run(check_postgres(settings))
+        click.echo(f"schema ready: tables {settings.events_table}, {settings.dlq_table}")
+
+    run(body)
+
+
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--sources/--no-sources", default=True, help="Show where each value came from.")
+@click.option(
+    "--defaults",
+    is_flag=True,
+    help="Print every key at its default, documented: a starting conf/streamd.toml.",
+)
+@click.pass_context
+def config_cmd(ctx: click.Context, as_json: bool, sources: bool, defaults: bool) -> None:
+    """Print the effective config (passwords masked)."""
+    from streamd.config.view import render_config, render_defaults
+
+    def body() -> None:
+        if defaults:
+            click.echo(render_defaults())
+            return
+        settings, where = ctx.obj.settings()
+        click.echo(render_config(settings, where, as_json=as_json, with_sources=sources))
+
+    run(body)
