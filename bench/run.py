@@ -49,7 +49,8 @@ import redis
 from bench.raw_copy import copy_parallel, make_rows
 from streamd.client.producer import Producer
 from streamd.config.settings import load_settings
-from streamd.dev.servers import PostgresServer, RedisServer, initdb
+from streamd.dev.pg_setup import initdb
+from streamd.dev.servers import PostgresServer, RedisServer
 from streamd.tools.samples import SampleEvents
 
 ROOT = Path(__file__).resolve().parent.parent

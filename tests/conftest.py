@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from streamd.config.settings import Settings, field_names, load_settings
-from streamd.dev.servers import PostgresServer, RedisServer, initdb
+from streamd.dev.pg_setup import initdb
+from streamd.dev.servers import PostgresServer, RedisServer
 from tests.helpers import ServeProcess, pg_execute
 
 # Names that would leak the developer's own setup into a test: streamd's, the seed's, systemd's.

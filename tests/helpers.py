@@ -26,7 +26,7 @@ import asyncpg
 import orjson
 import redis
 
-from streamd.dev.servers import descendants, wait_gone
+from streamd.dev.processes import descendants, wait_gone
 
 T = TypeVar("T")
 

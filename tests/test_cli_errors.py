@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from streamd.dev.servers import free_port
+from streamd.dev.processes import free_port
 from tests.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(120)

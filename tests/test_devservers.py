@@ -16,18 +16,12 @@ import pytest
 import redis
 
 from streamd.config.settings import Settings
-from streamd.dev.servers import (
-    DevServerError,
-    PostgresServer,
-    RedisServer,
-    descendants,
-    dev_down,
-    free_port,
-    has_pg_stat_statements,
-    port_is_free,
-    postgres_bindir,
-    postgres_ping,
-)
+from streamd.dev.binaries import has_pg_stat_statements, postgres_bindir
+from streamd.dev.commands import dev_down
+from streamd.dev.common import DevServerError
+from streamd.dev.pg_setup import postgres_ping
+from streamd.dev.processes import descendants, free_port, port_is_free
+from streamd.dev.servers import PostgresServer, RedisServer
 from tests.helpers import (
     count_rows,
     counts_by_type,

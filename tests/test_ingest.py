@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from streamd.dev.servers import PostgresServer, RedisServer, free_port
+from streamd.dev.processes import free_port
+from streamd.dev.servers import PostgresServer, RedisServer
 from tests.helpers import (
     ServeProcess,
     count_rows,

@@ -20,13 +20,10 @@ import asyncpg
 import psutil
 import pytest
 
-from streamd.dev.servers import (
-    PostgresServer,
-    RedisServer,
-    free_port,
-    postgres_bindir,
-    postgres_os_user,
-)
+from streamd.dev.binaries import postgres_bindir
+from streamd.dev.pg_setup import postgres_os_user
+from streamd.dev.processes import free_port
+from streamd.dev.servers import PostgresServer, RedisServer
 from tests.helpers import (
     ServeProcess,
     count_rows,

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from streamd.config.settings import Settings
-from streamd.dev.servers import free_port, wait_gone
+from streamd.dev.processes import free_port, wait_gone
 from streamd.errors import EXIT_CRASH_LOOP
 from streamd.observability.status_file import read_status_files
 from streamd.supervisor.arbiter import CrashLoopError, Supervisor

@@ -32,7 +32,7 @@ def dev_up_cmd(root: str, redis_port: int | None, postgres_port: int | None) -> 
     """
     from pathlib import Path
 
-    from streamd.dev.servers import dev_up, export_lines
+    from streamd.dev.commands import dev_up, export_lines
 
     def body() -> None:
         env = dev_up(Path(root), redis_port=redis_port, postgres_port=postgres_port)
@@ -49,7 +49,7 @@ def dev_down_cmd(root: str) -> None:
     """Stop them (their data stays until `./run.sh clean`)."""
     from pathlib import Path
 
-    from streamd.dev.servers import dev_down
+    from streamd.dev.commands import dev_down
 
     def body() -> None:
         for name, was_running in dev_down(Path(root)).items():
@@ -66,7 +66,7 @@ def dev_status_cmd(root: str, as_json: bool) -> None:
     import json
     from pathlib import Path
 
-    from streamd.dev.servers import dev_status, format_status
+    from streamd.dev.commands import dev_status, format_status
 
     def body() -> None:
         status = dev_status(Path(root))

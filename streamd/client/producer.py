@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from streamd.backends.connections import redis_client
+from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.pipeline.envelope import MAX_TYPE_BYTES
@@ -305,7 +306,7 @@ class Producer:
         if self._client is None:
             client = redis_client(self.settings, client_name="streamd-producer")
             try:
-                self._sha = _text(await client.script_load(XADD_MANY)).encode()
+                self._sha = as_text(await client.script_load(XADD_MANY)).encode()
             except BaseException:
                 await client.aclose()
                 raise
@@ -355,7 +356,7 @@ class Producer:
         entry_id = await client.execute_command(  # type: ignore[no-untyped-call]
             "XADD", self._stream_key, "*", b"type", raw_type, b"data", raw_data, b"ts", _now_ms()
         )
-        return _text(entry_id)
+        return as_text(entry_id)
 
     async def produce_batch(self, events: Iterable[Event]) -> list[str]:
         """Write many events in one round trip; returns their entry IDs, in order.
@@ -410,7 +411,7 @@ class Producer:
             await pool.release(conn)
         if not reloaded and all(_is_noscript(r) for r in replies):
             # Redis restarted or SCRIPT FLUSH: nothing ran, so loading and resending is safe.
-            self._sha = _text(await client.script_load(XADD_MANY)).encode()
+            self._sha = as_text(await client.script_load(XADD_MANY)).encode()
             return await self._roundtrip(client, chunks, reloaded=True)
         return replies
 
@@ -433,10 +434,6 @@ class Producer:
 
 def _is_noscript(reply: Any) -> bool:
     return isinstance(reply, redis.exceptions.NoScriptError)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from streamd.backends.connections import postgres_connect, redis_client
+from streamd.common.procs import pid_alive
+from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import BootError
 from streamd.observability.log import get_logger
@@ -186,15 +188,11 @@ async def redis_stats(settings: Settings) -> dict[str, int | None]:
         "pending": None,
     }
     for group in [] if isinstance(groups, Exception) else groups:
-        if _text(group.get("name")) == settings.group:
+        if as_text(group.get("name")) == settings.group:
             lag = group.get("lag")
             out["lag"] = None if lag is None else int(lag)
             out["pending"] = int(group.get("pending") or 0)
     return out
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class PipelineCollector(Collector):
@@ -323,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = prometheus_client.generate_latest(self.server.registry)
             self._reply(200, body, prometheus_client.CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            alive = _alive(self.server.parent_pid) and os.getppid() == self.server.parent_pid
+            alive = pid_alive(self.server.parent_pid) and os.getppid() == self.server.parent_pid
             self._reply(200 if alive else 503, b"ok\n" if alive else b"supervisor gone\n")
         elif path == "/readyz":
             problem = readiness(self.server.settings, self.server.state_file)
@@ -343,16 +341,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a scrape every few seconds is not worth a log line
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def serve_metrics(settings: Settings, state_file: Path) -> None:

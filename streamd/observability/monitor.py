@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from streamd.backends.connections import postgres_connect, redis_client
+from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.observability.status_file import read_status_files
 from streamd.pipeline.retry import describe
@@ -254,7 +255,7 @@ class Monitor:
         if isinstance(groups, Exception):
             raise groups
         for group in groups:
-            if _text(group.get("name")) == s.group:
+            if as_text(group.get("name")) == s.group:
                 stats.pending = int(group.get("pending") or 0)
                 lag = group.get("lag")
                 stats.lag = None if lag is None else int(lag)
@@ -475,7 +476,3 @@ async def _types_from_stats(
         return {}
     pairs = sorted(zip(row["vals"], row["freqs"], strict=True), key=lambda p: -p[1])
     return {value: int(freq * total) for value, freq in pairs[:TOP_TYPES]}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from streamd.common.procs import pid_alive
+
 
 def status_path(state_dir: Path, supervisor_pid: int) -> Path:
     return state_dir / f"serve-{supervisor_pid}.json"
@@ -30,18 +32,6 @@ def remove_status(path: Path) -> None:
         path.unlink()
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False  # kill(0) would signal our own process group
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, but belongs to someone else
-    return True
-
-
 def read_status_files(state_dir: Path) -> list[dict[str, Any]]:
     """The status of every running supervisor that uses state_dir (files of dead ones skipped)."""
     out: list[dict[str, Any]] = []
@@ -50,6 +40,6 @@ def read_status_files(state_dir: Path) -> list[dict[str, Any]]:
             status = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # removed while we looked, or not ours
-        if isinstance(status, dict) and _alive(int(status.get("pid", 0))):
+        if isinstance(status, dict) and pid_alive(int(status.get("pid", 0))):
             out.append(status)
     return out

@@ -31,6 +31,7 @@ import redis.exceptions
 
 from streamd.backends.connections import postgres_connect, redis_client
 from streamd.backends.preflight import postgres_error, redis_error
+from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import EXIT_USAGE, StreamdError
 from streamd.pipeline.dead_letters import decode_fields
@@ -239,7 +240,7 @@ class DeadLetters:
             keys=[letter.stream, self.dead_stream, self.records],
             args=[letter.entry_id, len(dead_ids), *dead_ids, *envelope_order(letter.fields)],
         )
-        return _text(reply[1]), bool(reply[0])
+        return as_text(reply[1]), bool(reply[0])
 
     async def _dead_stream_copies(self, letters: list[DeadLetter]) -> dict[str, list[str]]:
         """Dead-stream IDs of these letters: a scan from just before the oldest one failed."""
@@ -251,12 +252,12 @@ class DeadLetters:
             entries = await self.redis.xrange(self.dead_stream, min=start, count=SCAN_PAGE) or []
             for dead_id, fields in entries:
                 fields = fields or {}
-                source = _text(fields.get(b"entry_id", b""))
-                if source in wanted and _text(fields.get(b"stream", b"")) == self.stream:
-                    found.setdefault(source, []).append(_text(dead_id))
+                source = as_text(fields.get(b"entry_id", b""))
+                if source in wanted and as_text(fields.get(b"stream", b"")) == self.stream:
+                    found.setdefault(source, []).append(as_text(dead_id))
             if len(entries) < SCAN_PAGE:
                 return found
-            start = "(" + _text(entries[-1][0])
+            start = "(" + as_text(entries[-1][0])
 
     # --- purge -----------------------------------------------------------------------------
 
@@ -284,10 +285,6 @@ def envelope_order(encoded: dict[str, Any]) -> list[bytes]:
     rank = {b"type": 0, b"data": 1, b"ts": 2}
     pairs.sort(key=lambda pair: rank.get(pair[0], 3))  # stable: the rest keep their order
     return [part for pair in pairs for part in pair]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------

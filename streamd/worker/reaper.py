@@ -20,6 +20,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from streamd.common.aio import wait_event
+from streamd.common.procs import pid_alive
+from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
 from streamd.pipeline.envelope import RawEntry, Rejection
@@ -52,23 +54,13 @@ def dead_local_pid(consumer: str, host: str | None) -> int | None:
     pid = int(parts[1])
     if pid == os.getpid() or pid <= 1:
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return pid
-    except OSError:  # EPERM: alive, someone else's
-        return None
-    return None
+    return None if pid_alive(pid) else pid
 
 
 def next_id(entry_id: str) -> str:
     """The smallest stream ID greater than entry_id."""
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq or 0) + 1}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Reaper:
@@ -141,7 +133,7 @@ class Reaper:
                 )
             if entries:
                 handled += await self._ingest_claimed(entries)
-            if _text(cursor) == "0-0":
+            if as_text(cursor) == "0-0":
                 return handled
         return handled
 
@@ -161,7 +153,7 @@ class Reaper:
         s = self.settings
         handled = 0
         for info in await self.client.xinfo_consumers(s.stream, s.group):
-            name = _text(info["name"])
+            name = as_text(info["name"])
             if dead_local_pid(name, self.host) is None:
                 continue
             adopted = await self._adopt(name) if int(info["pending"]) else 0
@@ -238,7 +230,7 @@ class Reaper:
         s = self.settings
         deleted: list[str] = []
         for info in await self.client.xinfo_consumers(s.stream, s.group):
-            name = _text(info["name"])
+            name = as_text(info["name"])
             if int(info["pending"]) or int(info["idle"]) < s.consumer_idle_delete_ms:
                 continue
             if await self._delete_if_idle(keys=[s.stream], args=[s.group, name]) != -1:
@@ -275,14 +267,14 @@ class Reaper:
             return None
         needed: list[tuple[int, int]] = []
         for group in groups:
-            name = _text(group["name"])
+            name = as_text(group["name"])
             if int(group["pending"]):
                 summary = await self.client.xpending(self.settings.stream, name)
                 if summary["min"] is None:
                     return None  # acked in between: decide next round, never guess
-                needed.append(_id_key(_text(summary["min"])))
+                needed.append(_id_key(as_text(summary["min"])))
             else:
-                needed.append(_id_key(next_id(_text(group["last-delivered-id"]))))
+                needed.append(_id_key(next_id(as_text(group["last-delivered-id"]))))
         if not needed:
             return None
         ms, seq = min(needed)
