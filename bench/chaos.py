@@ -1,6 +1,6 @@
 """Chaos, long: `streamd serve` under a fixed-rate producer while faults are injected for as long
-as you like, then the exactly-once check by entry ID and payload key (tests/chaos.py has the
-driver and the list of faults; tests/test_chaos.py is the short run in the suite).
+as you like, then the exactly-once check by entry ID and payload key (tests/support/chaos.py has the
+driver and the list of faults; tests/faults/test_chaos.py is the short run in the suite).
 
     uv run python bench/chaos.py                        # 5 minutes, 500 events/s, 2 workers
     uv run python bench/chaos.py --duration 1800 --rate 2000 --procs 4 --mean-gap 1
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the driver lives with the tests
 
 from streamd.dev.servers import PostgresServer, RedisServer  # noqa: E402
-from tests.chaos import FAULTS, Chaos, ChaosConfig, Figures  # noqa: E402
-from tests.helpers import ServeProcess  # noqa: E402
+from tests.support.chaos import FAULTS, Chaos, ChaosConfig, Figures  # noqa: E402
+from tests.support.helpers import ServeProcess  # noqa: E402
 
 _FOREIGN = ("STREAMD_", "POSTGRES_", "REDIS_", "NOTIFY_SOCKET", "WATCHDOG_", "RUNTIME_DIRECTORY")
 _SEED_NAMES = {

@@ -16,8 +16,8 @@ from streamd.config.settings import Settings
 from streamd.observability.status_file import read_status_files
 from streamd.tools.bench import RunRows
 from streamd.tools.samples import SampleEvents
-from tests.helpers import ServeProcess, count_rows, pg_execute, wait_until
-from tests.streamd_cli import explain, run_streamd
+from tests.support.helpers import ServeProcess, count_rows, pg_execute, wait_until
+from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,5 +1,6 @@
 """The chaos driver: `streamd serve` under a fixed-rate producer while faults are injected, then the
-exactly-once check. Used by tests/test_chaos.py (short) and bench/chaos.py (as long as you like).
+exactly-once check. Used by tests/faults/test_chaos.py (short) and bench/chaos.py (as long as you
+like).
 
 Faults, one at a time, at random (seeded) moments:
   kill_worker        SIGKILL a worker child; the supervisor starts another, a reaper reclaims
@@ -10,8 +11,8 @@ Faults, one at a time, at random (seeded) moments:
   cut_redis / cut_postgres        reset every connection through the proxy
   refuse_redis / refuse_postgres  ... and refuse new ones for a moment
   stall_redis / stall_postgres    stop forwarding for up to 3 s (longer than the timeouts)
-streamd reaches both services through TCP proxies (tests/proxy.py); the producer and the checks
-talk to them directly.
+streamd reaches both services through TCP proxies (tests/support/proxy.py); the producer and the
+checks talk to them directly.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import orjson
 import psutil
 
 from streamd.dev.servers import PostgresServer, RedisServer
-from tests.helpers import ServeProcess
-from tests.load import Outcome, Producer, wait_for_outcome
-from tests.proxy import TcpProxy
+from tests.support.helpers import ServeProcess
+from tests.support.load import Outcome, Producer, wait_for_outcome
+from tests.support.proxy import TcpProxy
 
 FAULTS = (
     "kill_worker",

@@ -21,9 +21,9 @@ from streamd.config.settings import Settings
 from streamd.errors import EXIT_BOOT, EXIT_USAGE
 from streamd.supervisor import systemd
 from streamd.supervisor.systemd import Notifier
-from tests.helpers import ServeProcess, wait_until
+from tests.support.helpers import ServeProcess, wait_until
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "streamd.service"
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "streamd.service"
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
 )

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from streamd.observability.logview import LogView, format_record, last_lines_offset
-from tests.helpers import ServeProcess, wait_until
-from tests.streamd_cli import explain, run_streamd
+from tests.support.helpers import ServeProcess, wait_until
+from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,7 @@ import pytest
 
 from streamd.dev.processes import free_port
 from streamd.dev.servers import PostgresServer, RedisServer
-from tests.helpers import (
+from tests.support.helpers import (
     ServeProcess,
     count_rows,
     event,
@@ -28,8 +28,8 @@ from tests.helpers import (
     wait_until,
     xadd,
 )
-from tests.load import producing
-from tests.streamd_cli import run_streamd
+from tests.support.load import producing
+from tests.support.streamd_cli import run_streamd
 
 REDIS_CLI = shutil.which("redis-cli")
 

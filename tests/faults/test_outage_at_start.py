@@ -18,8 +18,8 @@ from streamd.backends.preflight import postgres_error, redis_error
 from streamd.config.settings import Settings
 from streamd.dev.servers import RedisServer
 from streamd.errors import BootError, ServiceUnavailable
-from tests.helpers import redis_client, xadd
-from tests.streamd_cli import explain, run_streamd
+from tests.support.helpers import redis_client, xadd
+from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(60)
 

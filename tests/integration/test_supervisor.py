@@ -41,7 +41,7 @@ from streamd.supervisor.child import (
 from streamd.supervisor.children import Child
 from streamd.supervisor.restarts import RestartPolicy
 from streamd.supervisor.systemd import Notifier
-from tests.helpers import (
+from tests.support.helpers import (
     ServeProcess,
     count_rows,
     event,

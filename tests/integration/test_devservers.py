@@ -22,7 +22,7 @@ from streamd.dev.common import DevServerError
 from streamd.dev.pg_setup import postgres_ping
 from streamd.dev.processes import descendants, free_port, port_is_free
 from streamd.dev.servers import PostgresServer, RedisServer
-from tests.helpers import (
+from tests.support.helpers import (
     count_rows,
     counts_by_type,
     event,

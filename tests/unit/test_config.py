@@ -14,7 +14,7 @@ from streamd.config.settings import SEED_ENV, Settings, field_names, load_settin
 from streamd.config.view import render_config, render_defaults, render_reference
 from streamd.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load(

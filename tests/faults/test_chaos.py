@@ -1,6 +1,7 @@
 """Chaos, short: `streamd serve` (two workers) under a steady producer for about a minute while
-workers are SIGKILLed, Postgres and Redis are restarted and killed, and the network paths to both
-are cut, refused and stalled (tests/chaos.py). Then, compared by entry ID and by payload key:
+workers are SIGKILLed, Postgres and Redis are restarted and killed, and the network paths to
+both are cut, refused and stalled (tests/support/chaos.py). Then, compared by entry ID and by
+payload key:
 every produced event exactly once in Postgres, nothing pending, nothing dead-lettered, the
 supervisor still running and stopping cleanly, every log line whole JSON.
 
@@ -18,8 +19,8 @@ from collections.abc import Callable
 import pytest
 
 from streamd.dev.servers import PostgresServer, RedisServer
-from tests.chaos import Chaos, ChaosConfig
-from tests.helpers import ServeProcess
+from tests.support.chaos import Chaos, ChaosConfig
+from tests.support.helpers import ServeProcess
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 

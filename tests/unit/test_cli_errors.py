@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from streamd.dev.processes import free_port
-from tests.streamd_cli import explain, run_streamd
+from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,7 +20,7 @@ from streamd.observability.metrics import LATENCY_BUCKETS, WorkerMetrics, worker
 from streamd.observability.status_file import read_status_files
 from streamd.pipeline.envelope import PG_EPOCH_MS, Rejection
 from streamd.worker.consumer import BatchReport
-from tests.helpers import ServeProcess, event, wait_until, xadd
+from tests.support.helpers import ServeProcess, event, wait_until, xadd
 
 pytestmark = pytest.mark.timeout(120)
 

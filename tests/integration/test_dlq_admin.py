@@ -20,7 +20,7 @@ import pytest
 from streamd.backends.connections import postgres_connect, redis_client
 from streamd.config.settings import Settings
 from streamd.tools.dlq_admin import DeadLetters, parse_before
-from tests.helpers import (
+from tests.support.helpers import (
     ServeProcess,
     count_rows,
     event,
@@ -30,10 +30,10 @@ from tests.helpers import (
     xadd,
     xlen,
 )
-from tests.helpers import (
+from tests.support.helpers import (
     redis_client as sync_redis,
 )
-from tests.streamd_cli import explain, run_streamd
+from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,8 +17,8 @@ from streamd import BacklogFull, InvalidEvent, Producer, SyncProducer
 from streamd.config.settings import Settings
 from streamd.pipeline.streams import ensure_group
 from streamd.tools.samples import EVENT_TYPES, SampleEvents
-from tests.helpers import ServeProcess, async_wait_until, count_rows, pg_fetch, xlen
-from tests.streamd_cli import explain, run_streamd
+from tests.support.helpers import ServeProcess, async_wait_until, count_rows, pg_fetch, xlen
+from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from streamd.pipeline.dead_letters import decode_fields
-from tests.helpers import ServeProcess, pending_count, redis_client, run_async, wait_until
+from tests.support.helpers import ServeProcess, pending_count, redis_client, run_async, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,7 +35,8 @@ MAX_EVENT_BYTES = 256 * 1024
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 MAX_TS_DIGITS = 20  # leading zeros allowed up to this length
 ENVELOPE = (b"type", b"data", b"ts")
-# Every dead-letter reason the README lists, but `poison` (tests/test_supervisor.py) and `deleted`.
+# Every dead-letter reason the docs list, but `deleted` and `poison`
+# (tests/integration/test_supervisor.py).
 REASONS = {
     "missing_type",
     "empty_type",

@@ -24,7 +24,7 @@ from streamd.dev.binaries import postgres_bindir
 from streamd.dev.pg_setup import postgres_os_user
 from streamd.dev.processes import free_port
 from streamd.dev.servers import PostgresServer, RedisServer
-from tests.helpers import (
+from tests.support.helpers import (
     ServeProcess,
     count_rows,
     event,
@@ -35,11 +35,11 @@ from tests.helpers import (
     wait_until,
     xadd,
 )
-from tests.streamd_cli import explain, run_streamd
-from tests.tls import OPENSSL, Pki, make_pki
+from tests.support.streamd_cli import explain, run_streamd
+from tests.support.tls import OPENSSL, Pki, make_pki
 
 pytestmark = pytest.mark.timeout(120)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LEAST_PRIVILEGE_SQL = ROOT / "conf" / "least-privilege.sql"
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl not installed")
 

@@ -25,9 +25,9 @@ from streamd.dev.servers import PostgresServer, RedisServer
 from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream, RawConnection, ensure_group
 from streamd.worker.consumer import BatchWriter
-from tests.helpers import ServeProcess, async_wait_until, count_rows, wait_until
-from tests.load import Outcome, producing, wait_for_outcome
-from tests.proxy import TcpProxy
+from tests.support.helpers import ServeProcess, async_wait_until, count_rows, wait_until
+from tests.support.load import Outcome, producing, wait_for_outcome
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import redis
 
-from tests.helpers import pg_fetch, pg_fetchval, redis_client
+from tests.support.helpers import pg_fetch, pg_fetchval, redis_client
 
 _ALREADY_THERE = "equal or smaller than the target stream top item"
 SEND_DEADLINE_S = 120.0  # one batch may wait this long for Redis to come back, then we fail

@@ -25,7 +25,7 @@ from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream, command
 from streamd.worker.consumer import BatchWriter
 from streamd.worker.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
-from tests.helpers import async_wait_until, event
+from tests.support.helpers import async_wait_until, event
 
 pytestmark = pytest.mark.timeout(60)
 

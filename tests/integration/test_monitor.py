@@ -18,8 +18,8 @@ import streamd.observability.monitor
 from streamd.config.settings import Settings
 from streamd.dev.servers import PostgresServer
 from streamd.observability.monitor import Monitor
-from tests.helpers import ServeProcess, count_rows, event, pg_execute, wait_until, xadd
-from tests.streamd_cli import explain, run_streamd
+from tests.support.helpers import ServeProcess, count_rows, event, pg_execute, wait_until, xadd
+from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(120)
 
