@@ -20,14 +20,14 @@ Usage: ./run.sh VERB [ARGS]
                        installs redis-server and postgresql first if missing and run as root
   start [-d] [ARGS]    streamd serve ARGS (-d: in the background, log in .streamd/serve.log)
   stop                 stop a serve started by start -d or demo --keep (SIGTERM, waits)
-  produce N [ARGS]     streamd produce N: sample events of the five seed types
+  produce N [ARGS]     streamd produce N: sample events of five types
   monitor [S] [ARGS]   streamd monitor --interval S (default 5)
   benchmark R D [ARGS] streamd bench --rate R --duration D
   dev up|down|status   private Redis and Postgres under .streamd/dev (streamd dev ...)
   clean                stop serve and the dev servers, delete .streamd/
   help                 this text
 
-Settings come from STREAMD_* variables, or the seed's names (REDIS_HOST, POSTGRES_*, ...) in
+Settings come from STREAMD_* variables, or the compatible names (REDIS_HOST, POSTGRES_*, ...) in
 ./.env, which is read when present. With neither set, start/produce/monitor/benchmark use the dev
 servers once `./run.sh dev up` has run.
 EOF
