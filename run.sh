@@ -16,18 +16,18 @@ Usage: ./run.sh VERB [ARGS]
 
   demo [--keep]        try it: private Redis + Postgres (unless configured), serve, 5000 sample
                        events, counts per type; --keep leaves serve running (./run.sh stop)
-  test [PYTEST ARGS]   the whole suite (pytest -n auto), then ruff and mypy; installs the
-                       redis-server and postgresql packages first if missing and run as root
+  test [PYTEST ARGS]   the whole suite (pytest -n auto), then ruff, mypy and the docs build;
+                       installs redis-server and postgresql first if missing and run as root
   start [-d] [ARGS]    streamd serve ARGS (-d: in the background, log in .streamd/serve.log)
   stop                 stop a serve started by start -d or demo --keep (SIGTERM, waits)
-  produce N [ARGS]     streamd produce N: sample events of the five seed types
+  produce N [ARGS]     streamd produce N: sample events of five types
   monitor [S] [ARGS]   streamd monitor --interval S (default 5)
   benchmark R D [ARGS] streamd bench --rate R --duration D
   dev up|down|status   private Redis and Postgres under .streamd/dev (streamd dev ...)
   clean                stop serve and the dev servers, delete .streamd/
   help                 this text
 
-Settings come from STREAMD_* variables, or the seed's names (REDIS_HOST, POSTGRES_*, ...) in
+Settings come from STREAMD_* variables, or the compatible names (REDIS_HOST, POSTGRES_*, ...) in
 ./.env, which is read when present. With neither set, start/produce/monitor/benchmark use the dev
 servers once `./run.sh dev up` has run.
 EOF
@@ -174,7 +174,14 @@ cmd_test() {
     uv run --frozen --no-sync ruff check . || rc=$((rc ? rc : 1))
     say "mypy"
     uv run --frozen --no-sync mypy || rc=$((rc ? rc : 1))
-    return "$rc" # pytest's own code when tests failed; 1 when only lint or types did
+    say "mkdocs build --strict"
+    local site # a scratch site: the check must not leave site/ behind
+    site=$(mktemp -d)
+    # NO_MKDOCS_2_WARNING: Material's banner about its successor, printed on every build
+    NO_MKDOCS_2_WARNING=1 uv run --frozen --no-sync mkdocs build --strict --quiet --site-dir "$site" ||
+        rc=$((rc ? rc : 1))
+    rm -rf "$site"
+    return "$rc" # pytest's own code when tests failed; 1 when only lint, types or docs did
 }
 
 cmd_demo() {

@@ -1,7 +1,7 @@
 """Settings: one frozen dataclass, resolved once from flags > environment > config file > defaults.
 
 Every key is a dataclass field whose metadata holds its documentation, so `streamd config`,
-`conf/streamd.toml` and the README's reference all describe the same keys. Units live in names
+`conf/streamd.toml` and the docs' reference all describe the same keys. Units live in names
 (`block_ms`, `batch_timeout_s`). Values are parsed and checked here, in the parent process; errors
 name the key and the source of the bad value (flag, environment variable, file).
 """

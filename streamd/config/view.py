@@ -64,10 +64,10 @@ def render_defaults() -> str:
 
 
 def render_reference() -> str:
-    """The README's config reference: a Markdown table of every key."""
+    """docs/configuration.md's config reference: a Markdown table of every key."""
     lines = ["| key (env `STREAMD_<KEY>`) | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(Settings):
         default = _toml_value(f.default)
-        doc = f.metadata["doc"].replace("|", "\\|")
+        doc = f.metadata["doc"].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
         lines.append(f"| `{f.name}` | `{default}` | {doc} |")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ batch with known-good canaries between them. Every entry must end up exactly one
 - dead-lettered: with the reason the envelope rules (or Postgres' refusal) give, and the raw
   entry recoverable byte for byte from the dead-letter row.
 
-The oracle is independent of streamd's code: the envelope rules as the README states them, and
+The oracle is independent of streamd's code: the envelope rules as the docs state them, and
 Postgres asked directly (`convert_from(data, 'UTF8')::jsonb`). The canaries, and the serve process
 staying up and answering within a bound for every batch, show that nothing crashes, stalls, or
 takes a good neighbour down with it.
@@ -35,7 +35,7 @@ MAX_EVENT_BYTES = 256 * 1024
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 MAX_TS_DIGITS = 20  # leading zeros allowed up to this length
 ENVELOPE = (b"type", b"data", b"ts")
-# Every dead-letter reason the docs list, but `deleted` and `poison`
+# Every dead-letter reason of docs/dead-letters.md but `deleted` and `poison`
 # (tests/integration/test_supervisor.py).
 REASONS = {
     "missing_type",
@@ -218,7 +218,7 @@ class Expected:
 
 
 def envelope_reason(fields: list[bytes]) -> str | None:
-    """The README's envelope rules (None: the envelope is fine, Postgres decides the rest)."""
+    """docs/producing.md's envelope rules (None: the envelope is fine, Postgres decides)."""
     names = fields[0::2]
     if any(names.count(name) > 1 for name in ENVELOPE):
         return "duplicate_field"

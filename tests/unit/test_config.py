@@ -200,10 +200,14 @@ def test_config_and_set_work_after_the_command_too(tmp_path: Path) -> None:
     assert (shown["batch_size"], shown["tasks"], shown["read_count"]) == (222, 7, 33)
 
 
-def test_readme_reference_lists_every_key_with_its_default() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert render_reference() in readme, (
-        "README.md's config reference is stale: paste streamd.config_view.render_reference()"
+def test_docs_reference_lists_every_key_with_its_default() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    begin, end = "<!-- BEGIN GENERATED: streamd config reference", "<!-- END GENERATED -->"
+    assert page.count(begin) == 1 and page.count(end) == 1, "docs/configuration.md: markers lost"
+    generated = page.split(begin)[1].split("\n", 1)[1].split(end)[0]
+    assert generated.strip() == render_reference().strip(), (
+        "docs/configuration.md's config reference is stale: paste"
+        " streamd.config_view.render_reference() between its GENERATED markers"
     )
 
 
