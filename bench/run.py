@@ -48,7 +48,7 @@ import redis
 
 from bench.raw_copy import copy_parallel, make_rows
 from streamd.client.producer import Producer
-from streamd.config.settings import load_settings
+from streamd.config.sources import load_settings
 from streamd.dev.pg_setup import initdb
 from streamd.dev.servers import PostgresServer, RedisServer
 from streamd.tools.samples import SampleEvents

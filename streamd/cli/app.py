@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 import click
 
-from streamd.config.settings import Settings, load_settings
+from streamd.config.settings import Settings
+from streamd.config.sources import load_settings
 from streamd.errors import StreamdError
 from streamd.observability.log import configure_logging
 

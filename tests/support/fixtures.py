@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from streamd.config.settings import Settings, field_names, load_settings
+from streamd.config.settings import Settings
+from streamd.config.sources import field_names, load_settings
 from streamd.dev.pg_setup import initdb
 from streamd.dev.servers import PostgresServer, RedisServer
 from tests.support.helpers import ServeProcess, pg_execute

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from streamd.config.settings import SEED_ENV, Settings, field_names, load_settings, mask_url
+from streamd.config.settings import Settings, mask_url
+from streamd.config.sources import SEED_ENV, field_names, load_settings
 from streamd.config.view import render_config, render_defaults, render_reference
 from streamd.errors import ConfigError
 
