@@ -26,7 +26,6 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,16 +41,16 @@ from streamd.errors import (
     ServiceUnavailable,
     StreamdError,
 )
-from streamd.observability.log import configure_logging, get_logger
+from streamd.observability.log import get_logger
 from streamd.observability.status_file import remove_status, status_path, write_status
 from streamd.pipeline.retry import describe
 from streamd.supervisor.child import METRICS, WORKER, metrics_available
 from streamd.supervisor.children import Child, ChildTable, Slot
 from streamd.supervisor.restarts import RestartPolicy
+from streamd.supervisor.rollout import METRICS_STOP_TIMEOUT_S, Rollouts
 from streamd.supervisor.systemd import Notifier
 
 TICK_S = 0.5  # the longest the loop sleeps: heartbeat checks and status refreshes run this often
-METRICS_STOP_TIMEOUT_S = 5.0
 STATUS_REFRESH_S = 1.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 BOOT_FAILURES: dict[int, type[StreamdError]] = {
@@ -67,17 +66,6 @@ class CrashLoopError(StreamdError):
     exit_code = EXIT_CRASH_LOOP
 
 
-@dataclass(slots=True)
-class Rollout:
-    """A reload in progress: slots still to replace, and the new child being awaited."""
-
-    previous: Settings
-    slots: list[int]
-    started: float
-    incoming: Child | None = None
-    replaced: int = 0
-
-
 class Supervisor:
     def __init__(
         self,
@@ -87,15 +75,14 @@ class Supervisor:
     ) -> None:
         # Nothing here touches the process: run() does, so a Supervisor can be built anywhere.
         self.settings = settings
-        self._reload = reload
+        self.read_settings = reload
         self.notifier = notifier or Notifier()
         self.log: Any = get_logger()
         self.state: State = "starting"
         self.children = ChildTable()
         self.restart = RestartPolicy(settings)
         self.signals: deque[int] = deque()
-        self.rollout: Rollout | None = None
-        self.reload_again = False
+        self.rollouts = Rollouts(self)
         self.ever_ready = False
         self.fast = False
         self.interrupts = 0
@@ -108,7 +95,7 @@ class Supervisor:
         self.status_file = Path()
         self.metrics_dir: Path | None = None
         self._old_handlers: dict[int, Any] = {}
-        self._dirty = True
+        self.dirty = True
         self._last_write = 0.0
         self._last_status_text = ""
         self._last_tick = 0.0
@@ -140,7 +127,7 @@ class Supervisor:
     def _advance(self) -> None:
         now = time.monotonic()
         self._start_due(now)
-        self._advance_rollout()
+        self.rollouts.advance()
         if self.state in ("starting", "running"):
             self._spawn_missing()
         if self.state == "stopping":
@@ -207,7 +194,7 @@ class Supervisor:
 
     # --- starting children ----------------------------------------------------------------
 
-    def _spawn(self, kind: str, index: int) -> Child | None:
+    def spawn(self, kind: str, index: int) -> Child | None:
         try:
             child = self.children.spawn(kind, index, self.settings, self.status_file)
         except OSError as exc:
@@ -215,7 +202,7 @@ class Supervisor:
             self.restart.schedule((kind, index), time.monotonic())
             return None
         self.log.info("child_started", kind=kind, index=index, child_pid=child.pid)
-        self._dirty = True
+        self.dirty = True
         return child
 
     def _spawn_missing(self) -> None:
@@ -227,7 +214,7 @@ class Supervisor:
 
     def _fill(self, slot: Slot) -> None:
         if slot not in self.restart.due and self.children.occupant(slot) is None:
-            self._spawn(*slot)
+            self.spawn(*slot)
 
     def _start_due(self, now: float) -> None:
         if self.state == "stopping":
@@ -235,7 +222,7 @@ class Supervisor:
         for slot, due in self.restart.pop_due(now):
             if not self._wanted(slot) or self.children.occupant(slot) is not None:
                 continue
-            child = self._spawn(*slot)
+            child = self.spawn(*slot)
             if child is not None:
                 self.restarts += 1
                 self.log.info(
@@ -254,14 +241,14 @@ class Supervisor:
         return index < self.settings.resolved_procs()
 
     def _on_ready(self, child: Child) -> None:
-        self._dirty = True
+        self.dirty = True
         boot_ms = round((time.monotonic() - child.started_mono) * 1000, 1)
         self.log.info("child_ready", index=child.index, child_pid=child.pid, boot_ms=boot_ms)
         if self.state == "starting" and self._all_ready():
             self.state = "running"
             self.ever_ready = True
             self.log.info("serve_ready", procs=self.settings.resolved_procs())
-            self.notifier.ready(self._status_text())
+            self.notifier.ready(self.status_text())
 
     def _all_ready(self) -> bool:
         procs = self.settings.resolved_procs()
@@ -270,15 +257,15 @@ class Supervisor:
     # --- exits ----------------------------------------------------------------------------
 
     def _on_exit(self, child: Child, code: int) -> None:
-        self._dirty = True
+        self.dirty = True
         self._mark_dead(child.pid)
         expected = child.retiring or self.state == "stopping"
         self._log_exit(child, code, expected)
         if expected:
             return
         boot_error = code in (EXIT_BOOT, EXIT_USAGE)
-        if self.rollout is not None and child is self.rollout.incoming:
-            self._abort_rollout(child, code)
+        if self.rollouts.current is not None and child is self.rollouts.current.incoming:
+            self.rollouts.abort(child, code)
         elif child.kind == METRICS and not (boot_error and not self.ever_ready):
             # Metrics are not worth stopping ingest for, except a bad setup at the very start
             # (say, the port is taken), which a person should see at once.
@@ -384,7 +371,7 @@ class Supervisor:
         self._begin_stop(EXIT_OK, "SIGQUIT", fast=True)
 
     def handle_sighup(self) -> None:
-        self._begin_reload()
+        self.rollouts.begin()
 
     def handle_sigchld(self) -> None:
         pass  # waking up was the point: reaping runs on every turn of the loop
@@ -404,13 +391,13 @@ class Supervisor:
         self.exit_code = code
         self.fast = fast
         self.restart.due.clear()
-        self.rollout = None
+        self.rollouts.current = None
         timeout = self.settings.graceful_timeout_s
         self.log.info(
             "stopping", reason=reason, fast=fast, children=len(workers), timeout_s=timeout
         )
         self.notifier.stopping(f"stopping ({reason})")
-        self._dirty = True
+        self.dirty = True
         for child in workers:
             self.children.retire(child, signal.SIGQUIT if fast else signal.SIGTERM, timeout)
 
@@ -421,100 +408,9 @@ class Supervisor:
             if not child.retiring:
                 self.children.retire(child, signal.SIGTERM, METRICS_STOP_TIMEOUT_S)
 
-    # --- reload ---------------------------------------------------------------------------
-
-    def _begin_reload(self) -> None:
-        if self.state == "stopping":
-            return
-        if self.rollout is not None:
-            self.reload_again = True  # after this one: it may have read the file too early
-            return
-        try:
-            new = self._reload() if self._reload is not None else self.settings
-        except Exception as exc:  # a reload must never take the running service down
-            error = str(exc) if isinstance(exc, StreamdError) else describe(exc)
-            self.log.error("reload_failed", error=error, note="keeping the running config")
-            return
-        configure_logging(new.log_level, new.log_format)
-        self.notifier.reloading()
-        procs = new.resolved_procs()
-        self.rollout = Rollout(self.settings, list(range(procs)), time.monotonic())
-        old = self.settings
-        if (new.metrics_host, new.metrics_port) != (old.metrics_host, old.metrics_port):
-            for child in self.children:
-                if child.kind == METRICS:
-                    self.children.retire(child, signal.SIGTERM, METRICS_STOP_TIMEOUT_S)
-        self._use(new)
-        self.state = "reloading"
-        self._dirty = True
-        self.log.info("reload_started", procs=procs, tasks=new.tasks)
-
-    def _use(self, settings: Settings) -> None:
+    def use(self, settings: Settings) -> None:
         self.settings = settings
         self.restart.settings = settings
-
-    def _advance_rollout(self) -> None:
-        rollout = self.rollout
-        while rollout is not None and self.rollout is rollout:
-            if rollout.incoming is None:
-                if not rollout.slots:
-                    self._finish_rollout(rollout)
-                    return
-                index = rollout.slots.pop(0)
-                self.restart.due.pop((WORKER, index), None)
-                rollout.incoming = self._spawn(WORKER, index)
-                if rollout.incoming is None:
-                    self._end_rollout_failed(rollout, "fork failed")
-                return
-            if not rollout.incoming.ready:
-                return
-            self._replace(rollout.incoming)
-            rollout.replaced += 1
-            rollout.incoming = None
-
-    def _replace(self, incoming: Child) -> None:
-        """Drain the children that incoming replaces, now that it consumes."""
-        for old in self.children:
-            if old.slot == incoming.slot and old is not incoming and not old.retiring:
-                self.log.info(
-                    "child_replaced", index=old.index, old_pid=old.pid, child_pid=incoming.pid
-                )
-                self.children.retire(old, signal.SIGTERM, old.settings.graceful_timeout_s)
-
-    def _finish_rollout(self, rollout: Rollout) -> None:
-        procs = self.settings.resolved_procs()
-        for child in self.children.workers():  # fewer procs than before: drain the rest
-            if child.index >= procs and not child.retiring:
-                self.children.retire(child, signal.SIGTERM, child.settings.graceful_timeout_s)
-        self.rollout = None
-        self.state = "running"
-        self.ever_ready = True
-        ms = round((time.monotonic() - rollout.started) * 1000, 1)
-        self.log.info("reload_finished", replaced=rollout.replaced, procs=procs, ms=ms)
-        self.notifier.ready(self._status_text())
-        if self.reload_again:
-            self.reload_again = False
-            self._begin_reload()
-
-    def _abort_rollout(self, child: Child, code: int) -> None:
-        reason = child.failure[1] if child.failure else f"new worker exited with code {code}"
-        self._end_rollout_failed(self.rollout, reason, code=code, index=child.index)
-
-    def _end_rollout_failed(self, rollout: Rollout | None, reason: str, **fields: Any) -> None:
-        if rollout is None:
-            return
-        self._use(rollout.previous)
-        self.rollout = None
-        self.reload_again = False
-        self.state = "running"
-        self.log.error(
-            "reload_failed",
-            error=reason,
-            replaced=rollout.replaced,
-            note="keeping the running config",
-            **fields,
-        )
-        self.notifier.ready(f"reload failed: {reason}"[:200])
 
     # --- status ---------------------------------------------------------------------------
 
@@ -524,10 +420,10 @@ class Supervisor:
             self.notifier.watchdog()
             self._next_watchdog = now + interval
 
-    def _status_text(self) -> str:
+    def status_text(self) -> str:
         procs = self.settings.resolved_procs()
-        if self.state == "reloading" and self.rollout is not None:
-            return f"reloading: {self.rollout.replaced}/{procs} workers replaced"
+        if self.state == "reloading" and self.rollouts.current is not None:
+            return f"reloading: {self.rollouts.current.replaced}/{procs} workers replaced"
         if self.state == "stopping":
             return "stopping"
         ready = self.children.ready_count(procs)
@@ -535,11 +431,11 @@ class Supervisor:
 
     def _publish(self) -> None:
         now = time.monotonic()
-        if self._dirty or now - self._last_write >= STATUS_REFRESH_S:
+        if self.dirty or now - self._last_write >= STATUS_REFRESH_S:
             self._write_status()
-            self._dirty = False
+            self.dirty = False
             self._last_write = now
-        text = self._status_text()
+        text = self.status_text()
         if text != self._last_status_text:
             self._last_status_text = text
             self.notifier.status(text)

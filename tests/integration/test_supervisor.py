@@ -188,7 +188,7 @@ def test_signals_dispatch_to_handlers_and_second_sigint_is_fast(
     sup._dispatch_signals()
     assert (sup.state, sup.exit_code, sup.fast) == ("stopping", 0, False)
     assert sent == [(101, signal.SIGTERM), (102, signal.SIGTERM)]  # HUP while stopping: ignored
-    assert sup.rollout is None
+    assert sup.rollouts.current is None
     sup.signals.append(signal.SIGINT)
     sup._dispatch_signals()
     assert sup.fast and sent[2:] == [(101, signal.SIGQUIT), (102, signal.SIGQUIT)]
