@@ -17,6 +17,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from streamd.config.cpus import available_cpus
+from streamd.config.tables import TableSpec, route
 
 ENV_PREFIX = "STREAMD_"
 CONFIG_ENV = "STREAMD_CONFIG"
@@ -25,7 +26,6 @@ SECRET_KEYS = frozenset({"redis_password", "postgres_password"})
 MASK = "***"
 
 # Table and stream names end up in SQL and in Redis keys: keep them to plain identifiers.
-TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 KEY_NAME = re.compile(r"[A-Za-z0-9_:{}.\-]{1,200}")
 
 
@@ -61,7 +61,25 @@ class Settings:
         0.0, "At start, keep retrying unreachable Redis/Postgres this long before giving up.", min=0
     )
     # --- names ---
-    stream: str = _opt("events", "Redis stream to consume.", kind="key")
+    stream: str = _opt("events", "Redis stream to consume when `streams` is empty.", kind="key")
+    streams: tuple[str, ...] = _opt(
+        (),
+        'Streams to consume: names and glob patterns (* ? [...]), e.g. ["orders", "tenant:*"];'
+        " env: comma-separated. Patterns are resolved with SCAN TYPE stream. Empty: `stream`.",
+        kind="streams",
+    )
+    discover_interval_s: float = _opt(
+        10.0,
+        "How often the patterns in `streams` are resolved again: a stream created later is"
+        " consumed within this, with no restart.",
+        min=0.1,
+    )
+    tables: tuple[TableSpec, ...] = _opt(
+        (),
+        "Routing: [tables.<name>] sections with streams = [names or patterns]; env:"
+        ' "orders=orders_events,tenant:*=tenant_events". Unmatched streams go to events_table.',
+        kind="tables",
+    )
     group: str = _opt("streamd", "Consumer group (created if missing).", kind="key")
     events_table: str = _opt("events", "Postgres table for events.", kind="table")
     dlq_stream: str = _opt("", "Dead-letter stream; empty means '<stream>:dead'.", kind="key")
@@ -148,6 +166,16 @@ class Settings:
     )
 
     # --- derived values ---
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        """What to consume: `streams` (names and patterns), or the one `stream`."""
+        return self.streams or (self.stream,)
+
+    def table_for(self, stream: str) -> str:
+        """The table a stream's entries go to."""
+        spec = route(self.tables, stream)
+        return spec.name if spec is not None else self.events_table
+
     @property
     def dead_stream(self) -> str:
         return self.dlq_stream or f"{self.stream}:dead"

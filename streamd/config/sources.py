@@ -23,10 +23,10 @@ from streamd.config.settings import (
     KEY_NAME,
     MASK,
     SECRET_KEYS,
-    TABLE_NAME,
     Settings,
     mask_url,
 )
+from streamd.config.tables import TABLE_NAME, parse_streams, parse_tables
 from streamd.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +117,10 @@ def _read_file(path: Path) -> dict[str, Sourced]:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
     out: dict[str, Sourced] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            raise ConfigError(f"config file {path}: [{key}]: sections are not used; keys are flat")
+        if isinstance(value, dict) and key != "tables":
+            raise ConfigError(
+                f"config file {path}: [{key}]: the only sections are [tables.<name>]; keys are flat"
+            )
         out[_check_key(key, f"config file {path}")] = Sourced(value, f"config file {path}")
     return out
 
@@ -201,6 +203,10 @@ def _parse(f: dataclasses.Field[Any], raw: Sourced) -> Any:
     where = f"{f.name} ({raw.source})"
     value = raw.value
     kind = f.type if isinstance(f.type, str) else str(f.type)
+    if f.metadata.get("kind") == "streams":
+        return parse_streams(value, where)
+    if f.metadata.get("kind") == "tables":
+        return parse_tables(value, where)
     try:
         if kind == "bool":
             parsed: Any = _parse_bool(value)

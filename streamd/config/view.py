@@ -17,7 +17,8 @@ def _toml_value(value: Any) -> str:
         return f"{value:_}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
         return repr(value)
-    return orjson.dumps(value).decode()  # a JSON string is a valid TOML basic string
+    # A JSON string is a valid TOML basic string; a tuple of strings, a valid TOML array.
+    return orjson.dumps(value).decode()
 
 
 def render_config(
