@@ -25,12 +25,18 @@ from streamd.backends.connections import (
 )
 from streamd.backends.grants import privilege_problem, schema_exists
 from streamd.backends.schema import apply_schema
+from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.errors import BootError, ServiceUnavailable, StreamdError
 from streamd.pipeline.retry import describe
 from streamd.pipeline.streams import ensure_group
 
 T = TypeVar("T")
+
+# The start-up wait polls a service still booting after 0.2, 0.4, ... 5 s (no jitter), until the
+# next delay would go past startup_wait_s.
+STARTUP_RETRY_INITIAL_S = 0.2
+STARTUP_RETRY_MAX_S = 5.0
 
 _PG_BOOT_ERRORS = (
     asyncpg.InvalidAuthorizationSpecificationError,  # 28xxx: bad password, no such role
@@ -105,15 +111,17 @@ def redis_error(settings: Settings, exc: BaseException, doing: str = "connect") 
 async def _with_startup_wait(settings: Settings, attempt: Callable[[], Awaitable[T]]) -> T:
     """Retry an outage (not a boot error) for up to startup_wait_s, for services still booting."""
     deadline = time.monotonic() + settings.startup_wait_s
-    delay = 0.2
+    backoff = Backoff(
+        STARTUP_RETRY_INITIAL_S, STARTUP_RETRY_MAX_S, healthy_after_s=None, jitter=False
+    )
     while True:
         try:
             return await attempt()
         except ServiceUnavailable:
+            delay = backoff.next_delay()
             if time.monotonic() + delay > deadline:
                 raise
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 async def check_redis(settings: Settings, *, create_group: bool = True) -> None:

@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from streamd.backends.connections import redis_client
+from streamd.common.backoff import Backoff
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
@@ -46,6 +47,9 @@ from streamd.pipeline.envelope import MAX_TYPE_BYTES
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_DATA_BYTES = 1_048_576  # the consumer's default max_event_bytes
+# A call held by backpressure measures the backlog again after 5 ms, 10 ms, ... 0.5 s.
+BACKLOG_POLL_INITIAL_S = 0.005
+BACKLOG_POLL_MAX_S = 0.5
 
 # KEYS: stream. ARGV: ts, then type, data per event. Returns the new entry IDs in order.
 XADD_MANY = """
@@ -208,7 +212,9 @@ class BacklogGate:
             return
         async with self._lock:
             deadline = time.monotonic() + self.timeout_s
-            delay = 0.005
+            backoff = Backoff(
+                BACKLOG_POLL_INITIAL_S, BACKLOG_POLL_MAX_S, healthy_after_s=None, jitter=False
+            )
             while True:
                 backlog = await measure_backlog(self.client, self.stream, self.group)
                 self._checked_at = time.monotonic()
@@ -223,8 +229,8 @@ class BacklogGate:
                         "written (is streamd serve running and keeping up?)",
                         backlog,
                     )
-                await asyncio.sleep(min(delay, remaining))  # the last check is at the deadline
-                delay = min(delay * 2, 0.5)
+                # The last check is at the deadline.
+                await asyncio.sleep(min(backoff.next_delay(), remaining))
 
 
 async def measure_backlog(client: aioredis.Redis, stream: str, group: str | None) -> int:

@@ -1,4 +1,4 @@
-"""Capped exponential backoff with jitter, and which faults are worth retrying.
+"""Retrying an operation through transient faults, and which faults are worth retrying.
 
 A fault is retried when waiting can fix it: a service down or restarting, a timeout, a lost
 connection, a server refusing for lack of resources, or a Postgres error that is not about the data
@@ -9,13 +9,13 @@ batch unacknowledged). Data errors never come here: the sink isolates the rows P
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
 import redis.exceptions
+
+from streamd.common.backoff import Backoff
 
 T = TypeVar("T")
 
@@ -30,30 +30,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions._base.InternalClientError,  # protocol state after a cut connection
     asyncpg.PostgresError,  # server-side errors that are not about the rows (see module doc)
 )
-
-
-class Backoff:
-    """Delays of initial * 2**n, capped, with "equal jitter": half fixed, half random."""
-
-    def __init__(self, initial_s: float, cap_s: float, healthy_after_s: float = 30.0) -> None:
-        self.initial_s = initial_s
-        self.cap_s = cap_s
-        self.healthy_after_s = healthy_after_s
-        self.failures = 0
-        self._last_failure = 0.0
-
-    def next_delay(self) -> float:
-        now = time.monotonic()
-        # A long healthy stretch since the last fault starts the sequence over.
-        if self.failures and now - self._last_failure > self.healthy_after_s:
-            self.failures = 0
-        self._last_failure = now
-        base = min(self.cap_s, self.initial_s * (2 ** min(self.failures, 32)))
-        self.failures += 1
-        return float(base / 2 + random.uniform(0, base / 2))
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def describe(exc: BaseException) -> str:
