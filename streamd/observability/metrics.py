@@ -37,13 +37,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from streamd.backends.connections import postgres_connect, redis_client
+from streamd.backends.faults import describe
 from streamd.common.procs import pid_alive
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import BootError
 from streamd.observability.log import get_logger
 from streamd.pipeline.envelope import PG_EPOCH_MS
-from streamd.pipeline.retry import describe
 from streamd.worker.consumer import BatchObserver, BatchReport
 
 PROBE_TIMEOUT_S = 2.0  # a probe or scrape must answer quickly even when a service hangs

@@ -1,9 +1,8 @@
-"""Retrying an operation through transient faults, and which faults are worth retrying.
+"""Retrying an operation through transient faults, with a backoff and one log line per fault.
 
-A fault is retried when waiting can fix it: a service down or restarting, a timeout, a lost
-connection, a server refusing for lack of resources, or a Postgres error that is not about the data
-(a dropped table, a missing privilege: an operator can fix those while streamd waits, holding the
-batch unacknowledged). Data errors never come here: the sink isolates the rows Postgres refuses.
+What counts as transient is decided in backends/faults.py (is_transient): a service down or
+restarting, a lost connection, or a Postgres error that is not about the data, which an operator
+can fix while streamd waits, holding the batch unacknowledged.
 """
 
 from __future__ import annotations
@@ -12,30 +11,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import asyncpg
-import redis.exceptions
-
+from streamd.backends.faults import TRANSIENT_ERRORS, describe
 from streamd.common.backoff import Backoff
 
 T = TypeVar("T")
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes ConnectionError and socket errors
-    TimeoutError,
-    redis.exceptions.ConnectionError,  # includes BusyLoadingError
-    redis.exceptions.TimeoutError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ReadOnlyError,  # a failover demoted the server we talk to
-    asyncpg.InterfaceError,  # connection closed or in a bad state
-    asyncpg.exceptions._base.InternalClientError,  # protocol state after a cut connection
-    asyncpg.PostgresError,  # server-side errors that are not about the rows (see module doc)
-)
-
-
-def describe(exc: BaseException) -> str:
-    """One line for a log: the exception class and its message, no traceback."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def retry_transient(

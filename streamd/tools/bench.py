@@ -27,9 +27,9 @@ from typing import Any, TextIO
 
 import asyncpg
 import orjson
-import redis.exceptions
 
 from streamd.backends.connections import postgres_connect
+from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import check_postgres, check_redis, postgres_error, redis_error
 from streamd.client.producer import Producer
 from streamd.config.settings import Settings
@@ -229,7 +229,7 @@ class LagSampler:
         while True:
             try:
                 lag = (await self.monitor.redis_stats()).lag
-            except (redis.exceptions.RedisError, OSError):
+            except REDIS_FAULTS:
                 lag = None  # a missed sample; the run itself reports real failures
             if lag is not None:
                 self.peak = lag if self.peak is None else max(self.peak, lag)
@@ -410,7 +410,7 @@ async def run_bench(
     print(header(plan), file=progress, flush=True)
     try:
         result = await Bench(settings, plan, out, progress).run()
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except REDIS_FAULTS as exc:
         raise redis_error(settings, exc, "benchmark") from None
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise postgres_error(settings, exc, "verify the benchmark") from None

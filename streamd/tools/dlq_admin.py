@@ -27,9 +27,9 @@ import asyncpg
 import click
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from streamd.backends.connections import postgres_connect, redis_client
+from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import postgres_error, redis_error
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
@@ -304,7 +304,7 @@ async def _with_dlq(settings: Settings, work: Callable[[DeadLetters], Any]) -> A
         raise DlqError(
             f"table {settings.dlq_table} does not exist: run `streamd db init` (or start serve)"
         ) from None
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except REDIS_FAULTS as exc:
         raise redis_error(settings, exc, "reach the dead stream") from None
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise postgres_error(settings, exc, "read the dead letters") from None

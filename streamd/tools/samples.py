@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import redis.exceptions
-
+from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import redis_error
 from streamd.client.producer import Producer
 from streamd.config.settings import Settings
@@ -242,7 +241,7 @@ async def produce_samples(
                 on_progress=progress,
                 progress_every=progress_step(total),
             )
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except REDIS_FAULTS as exc:
         raise redis_error(settings, exc, "produce") from None
     print(
         f"Completed: {result.produced} total events produced in {result.elapsed_s:.2f} seconds "

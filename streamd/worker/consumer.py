@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from streamd.backends.faults import TRANSIENT_ERRORS, describe
 from streamd.common.aio import wait_event
 from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
 from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
-from streamd.pipeline.retry import TRANSIENT_ERRORS, describe, retry_transient
+from streamd.pipeline.retry import retry_transient
 from streamd.pipeline.sink import PostgresSink, WriteResult
 from streamd.pipeline.streams import GroupStream, ensure_group, is_nogroup
 
