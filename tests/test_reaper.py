@@ -20,9 +20,10 @@ import redis.asyncio as aioredis
 
 from streamd.backends.connections import postgres_pool, redis_client
 from streamd.backends.preflight import preflight
+from streamd.backends.redis_groups import command
 from streamd.config.settings import Settings
 from streamd.pipeline.sink import PostgresSink
-from streamd.pipeline.streams import GroupStream, command
+from streamd.pipeline.streams import GroupStream
 from streamd.worker.consumer import BatchWriter
 from streamd.worker.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
 from tests.helpers import async_wait_until, event

@@ -23,11 +23,11 @@ from streamd.backends.connections import (
 )
 from streamd.backends.faults import POSTGRES_FAULTS, REDIS_FAULTS, describe, needs_operator
 from streamd.backends.grants import privilege_problem, schema_exists
+from streamd.backends.redis_groups import ensure_group
 from streamd.backends.schema import apply_schema
 from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.errors import BootError, ServiceUnavailable, StreamdError
-from streamd.pipeline.streams import ensure_group
 
 T = TypeVar("T")
 

@@ -30,10 +30,10 @@ import redis.exceptions
 
 from streamd.backends.connections import postgres_connect, redis_client
 from streamd.backends.faults import describe
+from streamd.backends.sql import quote_ident
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.observability.status_file import read_status_files
-from streamd.pipeline.sink import quote_ident
 
 EXACT_MAX_BYTES = 32 * 1024 * 1024  # count(*) below this heap size: tens of milliseconds
 QUERY_TIMEOUT_MS = 5000

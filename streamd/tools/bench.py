@@ -31,11 +31,11 @@ import orjson
 from streamd.backends.connections import postgres_connect
 from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import check_postgres, check_redis, postgres_error, redis_error
+from streamd.backends.sql import quote_ident
 from streamd.client.producer import Producer
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.monitor import Monitor
-from streamd.pipeline.sink import quote_ident
 from streamd.tools.bench_serve import ServeRunner
 from streamd.tools.samples import ProduceResult, SampleEvents, produce_paced, progress_step
 

@@ -31,11 +31,11 @@ import redis.asyncio as aioredis
 from streamd.backends.connections import postgres_connect, redis_client
 from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import postgres_error, redis_error
+from streamd.backends.sql import quote_ident
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import EXIT_USAGE, StreamdError
 from streamd.pipeline.dead_letters import decode_fields
-from streamd.pipeline.sink import quote_ident
 
 PAGE = 500
 SCAN_PAGE = 1000

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from streamd.backends.faults import TRANSIENT_ERRORS, describe
+from streamd.backends.redis_groups import ensure_group, is_nogroup
 from streamd.common.aio import wait_event
 from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
@@ -25,7 +26,7 @@ from streamd.observability.log import get_logger
 from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
 from streamd.pipeline.retry import retry_transient
 from streamd.pipeline.sink import PostgresSink, WriteResult
-from streamd.pipeline.streams import GroupStream, ensure_group, is_nogroup
+from streamd.pipeline.streams import GroupStream
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,13 +20,14 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from streamd.backends.faults import TRANSIENT_ERRORS, describe
+from streamd.backends.redis_groups import command, ensure_group, is_nogroup
 from streamd.common.aio import wait_event
 from streamd.common.procs import pid_alive
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
 from streamd.pipeline.envelope import RawEntry, Rejection
-from streamd.pipeline.streams import GroupStream, command, ensure_group, is_nogroup
+from streamd.pipeline.streams import GroupStream
 from streamd.worker.consumer import BatchWriter
 
 # KEYS: stream. ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an
