@@ -23,9 +23,9 @@ from streamd.backends.redis_groups import ensure_group
 from streamd.backends.schema import apply_schema
 from streamd.config.settings import Settings
 from streamd.dev.servers import PostgresServer, RedisServer
+from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream, RawConnection
-from streamd.worker.consumer import BatchWriter
 from tests.helpers import ServeProcess, async_wait_until, count_rows, wait_until
 from tests.load import Outcome, producing, wait_for_outcome
 from tests.proxy import TcpProxy

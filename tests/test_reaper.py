@@ -22,9 +22,9 @@ from streamd.backends.connections import postgres_pool, redis_client
 from streamd.backends.preflight import preflight
 from streamd.backends.redis_groups import command
 from streamd.config.settings import Settings
+from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream
-from streamd.worker.consumer import BatchWriter
 from streamd.worker.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
 from tests.helpers import async_wait_until, event
 

@@ -43,8 +43,8 @@ from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import BootError
 from streamd.observability.log import get_logger
+from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.envelope import PG_EPOCH_MS
-from streamd.worker.consumer import BatchObserver, BatchReport
 
 PROBE_TIMEOUT_S = 2.0  # a probe or scrape must answer quickly even when a service hangs
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -26,9 +26,9 @@ from streamd.common.procs import pid_alive
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
+from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.envelope import RawEntry, Rejection
 from streamd.pipeline.streams import GroupStream
-from streamd.worker.consumer import BatchWriter
 
 # KEYS: stream. ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an
 # entry it read a moment ago can never be orphaned.
