@@ -25,7 +25,13 @@ from streamd.config.settings import Settings
 from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream
-from streamd.worker.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
+from streamd.worker.reaper import (
+    ADOPT_MIN_IDLE_MS,
+    DELETE_IF_IDLE,
+    Reaper,
+    dead_local_pid,
+    next_id,
+)
 from tests.helpers import async_wait_until, event
 
 pytestmark = pytest.mark.timeout(60)
@@ -326,8 +332,8 @@ async def test_consumer_delete_script_refuses_a_consumer_that_owns_entries(
     s = rig.settings
     await rig.add(1)
     await rig.read_as("holder:1:0")
-    reaper = rig.reaper()
-    assert await reaper._delete_if_idle(keys=[s.stream], args=[s.group, "holder:1:0"]) == -1
+    reply = await DELETE_IF_IDLE.call(rig.redis, keys=[s.stream], args=[s.group, "holder:1:0"])
+    assert reply == -1
     assert "holder:1:0" in await rig.consumers()
 
 

@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from streamd.backends.connections import redis_client
+from streamd.backends.scripts import RedisScript
 from streamd.common.backoff import Backoff
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
@@ -51,8 +52,11 @@ DEFAULT_MAX_DATA_BYTES = 1_048_576  # the consumer's default max_event_bytes
 BACKLOG_POLL_INITIAL_S = 0.005
 BACKLOG_POLL_MAX_S = 0.5
 
-# KEYS: stream. ARGV: ts, then type, data per event. Returns the new entry IDs in order.
-XADD_MANY = """
+# ARGV: ts, then type, data per event. Returns the new entry IDs in order.
+XADD_MANY = RedisScript(
+    "xadd_many",
+    keys=("stream",),
+    source="""
 local ids = {}
 local n = 0
 local call = redis.call
@@ -62,7 +66,8 @@ for i = 2, #ARGV, 2 do
   ids[n] = call('XADD', KEYS[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1], 'ts', ts)
 end
 return ids
-"""
+""",
+)
 
 # `\u0000` that is not itself escaped: Postgres' jsonb refuses it, so the event would be a dead
 # letter. An even run of backslashes before it means the backslash itself was escaped.
@@ -289,8 +294,8 @@ class Producer:
         self._encoder = _Encoder(max_data_bytes)
         self._client: aioredis.Redis | None = None
         self._gate: BacklogGate | None = None
-        self._sha = b""
         self._stream_key = stream.encode()
+        self._xadd_many = XADD_MANY.evalsha_head([self._stream_key])
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> Producer:
@@ -312,7 +317,7 @@ class Producer:
         if self._client is None:
             client = redis_client(self.settings, client_name="streamd-producer")
             try:
-                self._sha = as_text(await client.script_load(XADD_MANY)).encode()
+                await XADD_MANY.load(client)
             except BaseException:
                 await client.aclose()
                 raise
@@ -396,7 +401,7 @@ class Producer:
         self, client: aioredis.Redis, chunks: list[tuple[bytes, ...]], reloaded: bool = False
     ) -> list[Any]:
         """One EVALSHA per chunk, all sent in one write; one reply (or error) per chunk."""
-        head = (b"EVALSHA", self._sha, b"1", self._stream_key)
+        head = self._xadd_many
         # hiredis' stub declares a 1-tuple where it means a tuple of any length.
         commands = [hiredis.pack_command(head + chunk) for chunk in chunks]  # type: ignore[arg-type]
         pool = client.connection_pool
@@ -417,7 +422,7 @@ class Producer:
             await pool.release(conn)
         if not reloaded and all(_is_noscript(r) for r in replies):
             # Redis restarted or SCRIPT FLUSH: nothing ran, so loading and resending is safe.
-            self._sha = as_text(await client.script_load(XADD_MANY)).encode()
+            await XADD_MANY.load(client)
             return await self._roundtrip(client, chunks, reloaded=True)
         return replies
 

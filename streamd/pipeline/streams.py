@@ -93,7 +93,6 @@ class GroupStream:
         self.consumer = consumer
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
-        self._dead_letter = client.register_script(dlq.ACK_AND_DEAD_LETTER)
         self.raw = RawConnection(client)
 
     @property
@@ -133,7 +132,8 @@ class GroupStream:
             await self.raw.call("XACK", self.stream, self.group, *ids)
         if not dead:
             return 0
-        written = await self._dead_letter(
+        written = await dlq.ACK_AND_DEAD_LETTER.call(
+            self.client,
             keys=[self.stream, self.dead_stream],
             args=dlq.script_args(self.group, self.dead_maxlen, dead),
         )
