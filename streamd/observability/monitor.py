@@ -99,7 +99,8 @@ class Snapshot:
     errors: dict[str, str]
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` form: flat keys first (the seed's dashboard), then the details."""
+        """The `--json` form: flat keys first, named as in the original pipeline's dashboard, then
+        the details."""
         r, p = self.redis, self.postgres
         out: dict[str, Any] = {
             "stream": self.stream,
@@ -245,7 +246,7 @@ class Monitor:
     async def dlq_length(self) -> int | None:
         return (await self.redis_stats()).dlq_length
 
-    # the seed's names
+    # The original pipeline's Monitor method names, for code written against it.
     get_stream_length = stream_length
     get_pending_messages = pending
 

@@ -1,9 +1,9 @@
 """`streamd bench`: an end-to-end benchmark of the pipeline, with its results verified.
 
-Rate mode (`--rate R --duration D`) produces R events/s for D s, like the seed's benchmark, and
-prints the seed's report. Drain mode (`--drain N`) pre-fills N events and times how fast serve
-works them off. Either way every event carries the run's id, a sequence number and its send time
-in microseconds, so afterwards one query over the run's entry-ID range answers:
+Rate mode (`--rate R --duration D`) produces R events/s for D s and prints a report in the form
+of the original pipeline's benchmark. Drain mode (`--drain N`) pre-fills N events and times how
+fast serve works them off. Either way every event carries the run's id, a sequence number and its
+send time in microseconds, so afterwards one query over the run's entry-ID range answers:
 
 - exactly once: lost = produced - distinct sequence numbers in Postgres; duplicated = rows - those;
 - end-to-end latency, send time -> COMMIT: the commit timestamp when Postgres tracks them
