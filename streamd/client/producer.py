@@ -40,18 +40,14 @@ from streamd.backends.connections import redis_client
 from streamd.backends.scripts import RedisScript
 from streamd.client.backlog import BacklogGate, measure_backlog
 from streamd.client.encoding import Encoder, Event
-from streamd.client.errors import BacklogFull, InvalidEvent, PartialBatch, ProducerError
+
+# The exceptions are imported from here, beside Producer (`as`: an explicit re-export).
+from streamd.client.errors import BacklogFull as BacklogFull
+from streamd.client.errors import InvalidEvent as InvalidEvent
+from streamd.client.errors import PartialBatch as PartialBatch
+from streamd.client.errors import ProducerError as ProducerError
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
-
-__all__ = [
-    "BacklogFull",
-    "InvalidEvent",
-    "PartialBatch",
-    "Producer",
-    "ProducerError",
-    "SyncProducer",
-]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_DATA_BYTES = 1_048_576  # the consumer's default max_event_bytes
