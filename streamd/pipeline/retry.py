@@ -1,6 +1,6 @@
 """Retrying an operation through transient faults, with a backoff and one log line per fault.
 
-What counts as transient is decided in backends/faults.py (is_transient): a service down or
+What counts as transient is decided in backends/faults.py (TRANSIENT_ERRORS): a service down or
 restarting, a lost connection, or a Postgres error that is not about the data, which an operator
 can fix while streamd waits, holding the batch unacknowledged.
 """
