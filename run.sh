@@ -218,7 +218,7 @@ import asyncio, sys, time
 
 from streamd.config.settings import load_settings
 from streamd.backends.connections import postgres_connect, redis_client
-from streamd.pipeline.sink import quote_ident
+from streamd.backends.sql import quote_ident
 
 s = load_settings()[0]
 

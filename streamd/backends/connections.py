@@ -1,8 +1,8 @@
 """Building Redis clients and Postgres connections from Settings (passwords, TLS, timeouts).
 
 Only this module turns settings into connection arguments, so every command connects the same way.
-Retries are streamd's own (capped backoff with jitter, see retry.py): the clients are built not to
-retry behind our back, so a timeout surfaces when it happens.
+Retries are streamd's own (capped backoff with jitter, common/backoff.py): the clients are built
+not to retry behind our back, so a timeout surfaces when it happens.
 """
 
 from __future__ import annotations

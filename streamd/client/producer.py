@@ -27,28 +27,36 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import hiredis
-import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from streamd.backends.connections import redis_client
+from streamd.backends.scripts import RedisScript
+from streamd.client.backlog import BacklogGate, measure_backlog
+from streamd.client.encoding import Encoder, Event
+
+# The exceptions are imported from here, beside Producer (`as`: an explicit re-export).
+from streamd.client.errors import BacklogFull as BacklogFull
+from streamd.client.errors import InvalidEvent as InvalidEvent
+from streamd.client.errors import PartialBatch as PartialBatch
+from streamd.client.errors import ProducerError as ProducerError
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
-from streamd.errors import StreamdError
-from streamd.pipeline.envelope import MAX_TYPE_BYTES
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_DATA_BYTES = 1_048_576  # the consumer's default max_event_bytes
 
-# KEYS: stream. ARGV: ts, then type, data per event. Returns the new entry IDs in order.
-XADD_MANY = """
+# ARGV: ts, then type, data per event. Returns the new entry IDs in order.
+XADD_MANY = RedisScript(
+    "xadd_many",
+    keys=("stream",),
+    source="""
 local ids = {}
 local n = 0
 local call = redis.call
@@ -58,189 +66,12 @@ for i = 2, #ARGV, 2 do
   ids[n] = call('XADD', KEYS[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1], 'ts', ts)
 end
 return ids
-"""
-
-# `\u0000` that is not itself escaped: Postgres' jsonb refuses it, so the event would be a dead
-# letter. An even run of backslashes before it means the backslash itself was escaped.
-_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-
-Event = tuple[str, Any]
-
-
-class ProducerError(StreamdError):
-    """A producer call failed; the message says whether any events were written."""
-
-
-class InvalidEvent(ProducerError, ValueError):
-    """An event breaks the envelope contract; nothing of its call was sent."""
-
-
-class BacklogFull(ProducerError):
-    """The backlog stayed above max_backlog for backlog_timeout_s; nothing of the call was sent."""
-
-    def __init__(self, message: str, backlog: int) -> None:
-        super().__init__(message)
-        self.backlog = backlog
-
-
-class PartialBatch(ProducerError):
-    """Redis refused a chunk of a batch after earlier chunks were written."""
-
-    def __init__(self, message: str, written_ids: list[str]) -> None:
-        super().__init__(message)
-        self.written_ids = written_ids
-
-
-# ---------------------------------------------------------------------------------------------
-# validation: everything is checked before anything is sent
-
-
-class _Encoder:
-    """Turns (type, data) into the wire bytes, with clear errors. Types are few: cache them.
-
-    `encode` is the hot loop of a producer: it does the common case (a str type already seen, a
-    dict payload) inline and leaves everything else, and every error message, to the checks.
-    """
-
-    def __init__(self, max_data_bytes: int) -> None:
-        self.max_data_bytes = max_data_bytes
-        self._types: dict[str, bytes] = {}
-
-    def encode(self, events: Iterable[Event]) -> list[bytes]:
-        flat: list[bytes] = []
-        append = flat.append
-        types, dumps, limit = self._types, orjson.dumps, self.max_data_bytes
-        for i, event in enumerate(events):
-            try:
-                kind, payload = event
-            except (TypeError, ValueError):
-                raise InvalidEvent(f"event {i}: expected a (type, data) pair") from None
-            raw_type = types.get(kind) if type(kind) is str else None
-            if raw_type is None:
-                raw_type = self.event_type(kind, i)
-            if type(payload) is dict:
-                try:
-                    raw = dumps(payload)
-                except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-                    raise InvalidEvent(f"event {i}: data is not JSON-serializable: {exc}") from None
-                if len(raw) > limit or b"\\u0000" in raw:
-                    raw = self.data(payload, i)
-            else:
-                raw = self.data(payload, i)
-            append(raw_type)
-            append(raw)
-        return flat
-
-    def event_type(self, event_type: Any, index: int | None = None) -> bytes:
-        cached = self._types.get(event_type) if isinstance(event_type, str) else None
-        if cached is not None:
-            return cached
-        if not isinstance(event_type, str):
-            raise _invalid(index, f"type must be a str, got {type(event_type).__name__}")
-        try:
-            raw = event_type.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise _invalid(index, f"type is not valid UTF-8: {exc.reason}") from None
-        if not raw:
-            raise _invalid(index, "type must not be empty")
-        if len(raw) > MAX_TYPE_BYTES:
-            raise _invalid(
-                index, f"type is {len(raw)} bytes of UTF-8; the limit is {MAX_TYPE_BYTES}"
-            )
-        if b"\x00" in raw:
-            raise _invalid(index, "type must not contain NUL")
-        if len(self._types) < 4096:
-            self._types[event_type] = raw
-        return raw
-
-    def data(self, data: Any, index: int | None = None) -> bytes:
-        """dict, list and other JSON values are encoded; str and bytes are JSON text, checked
-        by parsing it (the cost of a pre-encoded payload: about what encoding a dict costs)."""
-        if isinstance(data, str | bytes | bytearray | memoryview):
-            raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-            try:
-                orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise _invalid(index, f"data is not valid JSON text: {exc}") from None
-        else:
-            try:
-                raw = orjson.dumps(data)
-            except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-                raise _invalid(index, f"data is not JSON-serializable: {exc}") from None
-        if len(raw) > self.max_data_bytes:
-            raise _invalid(index, f"data is {len(raw)} bytes; the limit is {self.max_data_bytes}")
-        if b"\\u0000" in raw and _NUL_ESCAPE.search(raw):
-            raise _invalid(index, "data contains \\u0000, which Postgres' jsonb cannot store")
-        return raw
-
-
-def _invalid(index: int | None, problem: str) -> InvalidEvent:
-    """The error, naming the event's position in its batch (built only when there is one)."""
-    return InvalidEvent(problem if index is None else f"event {index}: {problem}")
+""",
+)
 
 
 def _now_ms() -> bytes:
     return str(time.time_ns() // 1_000_000).encode()
-
-
-# ---------------------------------------------------------------------------------------------
-# backlog
-
-
-@dataclasses.dataclass(slots=True)
-class BacklogGate:
-    """Admits calls while the backlog is below max_backlog, measuring it only when needed."""
-
-    client: aioredis.Redis
-    stream: str
-    group: str | None
-    max_backlog: int
-    timeout_s: float
-    check_interval_s: float
-    _estimate: int = 0
-    _checked_at: float = float("-inf")
-    _lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-
-    async def admit(self, count: int) -> None:
-        fresh = time.monotonic() - self._checked_at < self.check_interval_s
-        if fresh and self._estimate < self.max_backlog:
-            self._estimate += count  # what this producer adds; others show at the next check
-            return
-        async with self._lock:
-            deadline = time.monotonic() + self.timeout_s
-            delay = 0.005
-            while True:
-                backlog = await measure_backlog(self.client, self.stream, self.group)
-                self._checked_at = time.monotonic()
-                if backlog < self.max_backlog:
-                    self._estimate = backlog + count
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BacklogFull(
-                        f"stream {self.stream!r}: backlog {backlog} stayed at or above "
-                        f"max_backlog {self.max_backlog} for {self.timeout_s:g}s; nothing was "
-                        "written (is streamd serve running and keeping up?)",
-                        backlog,
-                    )
-                await asyncio.sleep(min(delay, remaining))  # the last check is at the deadline
-                delay = min(delay * 2, 0.5)
-
-
-async def measure_backlog(client: aioredis.Redis, stream: str, group: str | None) -> int:
-    """Entries the group has not committed yet: lag + pending (Redis >= 7), else XLEN."""
-    if group is not None:
-        try:
-            groups = await client.xinfo_groups(stream)
-        except redis.exceptions.ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return 0
-            raise
-        for info in groups:
-            name = info.get("name")
-            if name in (group, group.encode()) and info.get("lag") is not None:
-                return int(info["lag"]) + int(info.get("pending") or 0)
-    return int(await client.xlen(stream))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,11 +111,11 @@ class Producer:
         self.backlog_timeout_s = backlog_timeout_s
         self.backlog_check_interval_s = backlog_check_interval_s
         self.chunk_size = chunk_size
-        self._encoder = _Encoder(max_data_bytes)
+        self._encoder = Encoder(max_data_bytes)
         self._client: aioredis.Redis | None = None
         self._gate: BacklogGate | None = None
-        self._sha = b""
         self._stream_key = stream.encode()
+        self._xadd_many = XADD_MANY.evalsha_head([self._stream_key])
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> Producer:
@@ -306,7 +137,7 @@ class Producer:
         if self._client is None:
             client = redis_client(self.settings, client_name="streamd-producer")
             try:
-                self._sha = as_text(await client.script_load(XADD_MANY)).encode()
+                await XADD_MANY.load(client)
             except BaseException:
                 await client.aclose()
                 raise
@@ -390,7 +221,7 @@ class Producer:
         self, client: aioredis.Redis, chunks: list[tuple[bytes, ...]], reloaded: bool = False
     ) -> list[Any]:
         """One EVALSHA per chunk, all sent in one write; one reply (or error) per chunk."""
-        head = (b"EVALSHA", self._sha, b"1", self._stream_key)
+        head = self._xadd_many
         # hiredis' stub declares a 1-tuple where it means a tuple of any length.
         commands = [hiredis.pack_command(head + chunk) for chunk in chunks]  # type: ignore[arg-type]
         pool = client.connection_pool
@@ -411,7 +242,7 @@ class Producer:
             await pool.release(conn)
         if not reloaded and all(_is_noscript(r) for r in replies):
             # Redis restarted or SCRIPT FLUSH: nothing ran, so loading and resending is safe.
-            self._sha = as_text(await client.script_load(XADD_MANY)).encode()
+            await XADD_MANY.load(client)
             return await self._roundtrip(client, chunks, reloaded=True)
         return replies
 

@@ -1,4 +1,5 @@
-"""`streamd monitor`: the seed's dashboard, refreshed in place on a terminal.
+"""`streamd monitor`: the dashboard, laid out as the original pipeline's, refreshed in place on a
+terminal.
 
 On a TTY each frame replaces the previous one; into a pipe or file frames follow each other, and
 `--json` prints one JSON object per line per refresh (exactly one with `--once`).

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 import os
 import signal
 import socket
@@ -37,14 +36,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from streamd.backends.connections import postgres_connect, redis_client
+from streamd.backends.faults import describe
 from streamd.common.procs import pid_alive
-from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import BootError
 from streamd.observability.log import get_logger
+from streamd.observability.redis_stats import RedisStats, read_redis_stats
+from streamd.observability.status_file import read_status
+from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.envelope import PG_EPOCH_MS
-from streamd.pipeline.retry import describe
-from streamd.worker.consumer import BatchObserver, BatchReport
 
 PROBE_TIMEOUT_S = 2.0  # a probe or scrape must answer quickly even when a service hangs
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -160,39 +160,12 @@ def worker_observer(settings: Settings) -> BatchObserver | None:
 # metrics child: what is read at scrape time
 
 
-def read_status(state_file: Path) -> dict[str, Any] | None:
-    try:
-        status = json.loads(state_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
-
-
-async def redis_stats(settings: Settings) -> dict[str, int | None]:
-    """Stream length, dead-stream length, and the group's lag and pending."""
+async def _read_redis(settings: Settings) -> RedisStats:
     client = redis_client(settings)
     try:
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.xlen(settings.stream)
-            pipe.xlen(settings.dead_stream)
-            pipe.xinfo_groups(settings.stream)
-            length, dead, groups = await pipe.execute(raise_on_error=False)
+        return await read_redis_stats(client, settings, dead_stream_optional=True)
     finally:
         await client.aclose()
-    if isinstance(length, Exception):
-        raise length
-    out: dict[str, int | None] = {
-        "stream_length": int(length),
-        "dead_stream_length": None if isinstance(dead, Exception) else int(dead),
-        "lag": None,
-        "pending": None,
-    }
-    for group in [] if isinstance(groups, Exception) else groups:
-        if as_text(group.get("name")) == settings.group:
-            lag = group.get("lag")
-            out["lag"] = None if lag is None else int(lag)
-            out["pending"] = int(group.get("pending") or 0)
-    return out
 
 
 class PipelineCollector(Collector):
@@ -224,7 +197,7 @@ class PipelineCollector(Collector):
     def _redis_metrics(self) -> Iterator[Metric]:
         s = self.settings
         try:
-            stats = asyncio.run(asyncio.wait_for(redis_stats(s), PROBE_TIMEOUT_S))
+            stats = asyncio.run(asyncio.wait_for(_read_redis(s), PROBE_TIMEOUT_S))
         except Exception as exc:
             get_logger().warning("metrics_redis_failed", error=describe(exc))
             stats = None
@@ -239,8 +212,14 @@ class PipelineCollector(Collector):
             "stream_length": ("streamd_stream_length", "Entries in the stream (XLEN)."),
             "dead_stream_length": ("streamd_dead_stream_length", "Entries in the DLQ stream."),
         }
+        figures = {
+            "lag": stats.lag,
+            "pending": stats.pending,
+            "stream_length": stats.stream_length,
+            "dead_stream_length": stats.dlq_length,
+        }
         for key, (name, doc) in gauges.items():
-            value = stats.get(key)
+            value = figures[key]
             if value is None:
                 continue  # unknown (no group yet, or Redis < 7 for lag): absent, not 0
             labels = ["stream", "group"] if key in ("lag", "pending") else ["stream"]

@@ -26,14 +26,13 @@ from typing import Any, Self
 import asyncpg
 import psutil
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from streamd.backends.connections import postgres_connect, redis_client
-from streamd.common.text import as_text
+from streamd.backends.faults import describe
+from streamd.backends.sql import quote_ident
 from streamd.config.settings import Settings
+from streamd.observability.redis_stats import RedisStats, read_redis_stats
 from streamd.observability.status_file import read_status_files
-from streamd.pipeline.retry import describe
-from streamd.pipeline.sink import quote_ident
 
 EXACT_MAX_BYTES = 32 * 1024 * 1024  # count(*) below this heap size: tens of milliseconds
 QUERY_TIMEOUT_MS = 5000
@@ -44,16 +43,6 @@ PGSS_HINT = (
     "insert latency: pg_stat_statements is not loaded (add it to shared_preload_libraries, "
     "then CREATE EXTENSION pg_stat_statements)"
 )
-
-
-@dataclass(slots=True)
-class RedisStats:
-    stream_length: int = 0
-    dlq_length: int = 0
-    pending: int | None = None  # None: the group does not exist
-    lag: int | None = None  # None: no group, or Redis cannot tell (before 7.0, after XDEL)
-    consumers: int = 0
-    entries_read: int | None = None
 
 
 @dataclass(slots=True)
@@ -110,7 +99,8 @@ class Snapshot:
     errors: dict[str, str]
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` form: flat keys first (the seed's dashboard), then the details."""
+        """The `--json` form: flat keys first, named as in the original pipeline's dashboard, then
+        the details."""
         r, p = self.redis, self.postgres
         out: dict[str, Any] = {
             "stream": self.stream,
@@ -240,29 +230,7 @@ class Monitor:
         return self._redis
 
     async def redis_stats(self) -> RedisStats:
-        s = self.settings
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(s.stream)
-            pipe.xlen(s.dead_stream)
-            pipe.xinfo_groups(s.stream)
-            length, dead, groups = await pipe.execute(raise_on_error=False)
-        for reply in (length, dead):
-            if isinstance(reply, Exception):
-                raise reply
-        stats = RedisStats(stream_length=int(length), dlq_length=int(dead))
-        if isinstance(groups, redis.exceptions.ResponseError):
-            return stats  # no such stream yet
-        if isinstance(groups, Exception):
-            raise groups
-        for group in groups:
-            if as_text(group.get("name")) == s.group:
-                stats.pending = int(group.get("pending") or 0)
-                lag = group.get("lag")
-                stats.lag = None if lag is None else int(lag)
-                stats.consumers = int(group.get("consumers") or 0)
-                read = group.get("entries-read")
-                stats.entries_read = None if read is None else int(read)
-        return stats
+        return await read_redis_stats(self.redis, self.settings)
 
     async def stream_length(self) -> int:
         return (await self.redis_stats()).stream_length
@@ -275,10 +243,10 @@ class Monitor:
         """Entries not yet delivered to the group (None: no group yet, or Redis cannot tell)."""
         return (await self.redis_stats()).lag
 
-    async def dlq_length(self) -> int:
+    async def dlq_length(self) -> int | None:
         return (await self.redis_stats()).dlq_length
 
-    # the seed's names
+    # The original pipeline's Monitor method names, for code written against it.
     get_stream_length = stream_length
     get_pending_messages = pending
 

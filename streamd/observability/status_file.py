@@ -32,14 +32,21 @@ def remove_status(path: Path) -> None:
         path.unlink()
 
 
+def read_status(path: Path) -> dict[str, Any] | None:
+    """One status file; None when it is missing, or is not a status (removed while we looked, or
+    not ours)."""
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
 def read_status_files(state_dir: Path) -> list[dict[str, Any]]:
     """The status of every running supervisor that uses state_dir (files of dead ones skipped)."""
     out: list[dict[str, Any]] = []
     for path in sorted(state_dir.glob("serve-*.json")):
-        try:
-            status = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # removed while we looked, or not ours
-        if isinstance(status, dict) and pid_alive(int(status.get("pid", 0))):
+        status = read_status(path)
+        if status is not None and pid_alive(int(status.get("pid", 0))):
             out.append(status)
     return out

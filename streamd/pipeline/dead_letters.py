@@ -16,14 +16,18 @@ from typing import Any
 
 import orjson
 
+from streamd.backends.scripts import RedisScript
 from streamd.pipeline.envelope import Rejection
 
 B64 = "$base64"
 _B64_KEY_PREFIX = "$base64:"
 
-# KEYS: source stream, dead stream. ARGV: group, maxlen (0: none), then per dead letter six values:
-# entry_id, event_type, reason, error, deliveries, fields_json. Returns how many were dead-lettered.
-ACK_AND_DEAD_LETTER = """
+# ARGV: group, maxlen (0: none), then per dead letter six values: entry_id, event_type, reason,
+# error, deliveries, fields_json. Returns how many were dead-lettered.
+ACK_AND_DEAD_LETTER = RedisScript(
+    "ack_and_dead_letter",
+    keys=("source stream", "dead stream"),
+    source="""
 local written = 0
 for i = 3, #ARGV, 6 do
   if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
@@ -40,7 +44,8 @@ for i = 3, #ARGV, 6 do
   end
 end
 return written
-"""
+""",
+)
 
 
 def _is_safe_text(raw: bytes) -> str | None:

@@ -1,65 +1,20 @@
-"""Capped exponential backoff with jitter, and which faults are worth retrying.
+"""Retrying an operation through transient faults, with a backoff and one log line per fault.
 
-A fault is retried when waiting can fix it: a service down or restarting, a timeout, a lost
-connection, a server refusing for lack of resources, or a Postgres error that is not about the data
-(a dropped table, a missing privilege: an operator can fix those while streamd waits, holding the
-batch unacknowledged). Data errors never come here: the sink isolates the rows Postgres refuses.
+What counts as transient is decided in backends/faults.py (TRANSIENT_ERRORS): a service down or
+restarting, a lost connection, or a Postgres error that is not about the data, which an operator
+can fix while streamd waits, holding the batch unacknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import asyncpg
-import redis.exceptions
+from streamd.backends.faults import TRANSIENT_ERRORS, describe
+from streamd.common.backoff import Backoff
 
 T = TypeVar("T")
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes ConnectionError and socket errors
-    TimeoutError,
-    redis.exceptions.ConnectionError,  # includes BusyLoadingError
-    redis.exceptions.TimeoutError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ReadOnlyError,  # a failover demoted the server we talk to
-    asyncpg.InterfaceError,  # connection closed or in a bad state
-    asyncpg.exceptions._base.InternalClientError,  # protocol state after a cut connection
-    asyncpg.PostgresError,  # server-side errors that are not about the rows (see module doc)
-)
-
-
-class Backoff:
-    """Delays of initial * 2**n, capped, with "equal jitter": half fixed, half random."""
-
-    def __init__(self, initial_s: float, cap_s: float, healthy_after_s: float = 30.0) -> None:
-        self.initial_s = initial_s
-        self.cap_s = cap_s
-        self.healthy_after_s = healthy_after_s
-        self.failures = 0
-        self._last_failure = 0.0
-
-    def next_delay(self) -> float:
-        now = time.monotonic()
-        # A long healthy stretch since the last fault starts the sequence over.
-        if self.failures and now - self._last_failure > self.healthy_after_s:
-            self.failures = 0
-        self._last_failure = now
-        base = min(self.cap_s, self.initial_s * (2 ** min(self.failures, 32)))
-        self.failures += 1
-        return float(base / 2 + random.uniform(0, base / 2))
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
-def describe(exc: BaseException) -> str:
-    """One line for a log: the exception class and its message, no traceback."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def retry_transient(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from streamd.backends.sql import quote_ident
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import ENTRY_ID, FIELDS, Rejection, Row
 
@@ -41,10 +42,6 @@ ROW_ERRORS = (
 _pack_i = struct.Struct(">i").pack
 _pack_ts = struct.Struct(">iq").pack
 _pack_json = struct.Struct(">iB").pack
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:

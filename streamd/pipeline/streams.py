@@ -1,4 +1,5 @@
-"""The Redis side of a batch: the consumer group, reading, and acknowledging (with dead letters).
+"""The Redis side of a batch: reading and acknowledging (with dead letters); the group itself is
+created by backends/redis_groups.py.
 
 Replies of XREADGROUP and XAUTOCLAIM arrive as hiredis parsed them (lists of bytes); streamd
 never builds a dict per entry. A consumer's reads and acks go over a connection of its own,
@@ -19,30 +20,6 @@ from redis.asyncio.connection import AbstractConnection
 
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import RawEntry, Rejection
-
-
-async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
-    """Create the consumer group (and the stream) if missing; True if it was created.
-
-    A new group starts at the beginning of the stream, so entries written before streamd ever ran
-    are ingested too.
-    """
-    try:
-        await client.xgroup_create(stream, group, id="0", mkstream=True)
-    except redis.exceptions.ResponseError as exc:
-        if "BUSYGROUP" in str(exc):
-            return False
-        raise
-    return True
-
-
-async def command(client: aioredis.Redis, *args: Any) -> Any:
-    """A raw command; its reply is returned as hiredis parsed it (see RAW_REPLY_COMMANDS)."""
-    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def is_nogroup(exc: BaseException) -> bool:
-    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
 
 
 class RawConnection:
@@ -116,7 +93,6 @@ class GroupStream:
         self.consumer = consumer
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
-        self._dead_letter = client.register_script(dlq.ACK_AND_DEAD_LETTER)
         self.raw = RawConnection(client)
 
     @property
@@ -156,7 +132,8 @@ class GroupStream:
             await self.raw.call("XACK", self.stream, self.group, *ids)
         if not dead:
             return 0
-        written = await self._dead_letter(
+        written = await dlq.ACK_AND_DEAD_LETTER.call(
+            self.client,
             keys=[self.stream, self.dead_stream],
             args=dlq.script_args(self.group, self.dead_maxlen, dead),
         )

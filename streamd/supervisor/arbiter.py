@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from streamd.backends.faults import describe
 from streamd.config.settings import Settings
 from streamd.errors import (
     EXIT_BOOT,
@@ -43,7 +44,6 @@ from streamd.errors import (
 )
 from streamd.observability.log import get_logger
 from streamd.observability.status_file import remove_status, status_path, write_status
-from streamd.pipeline.retry import describe
 from streamd.supervisor.child import METRICS, WORKER, metrics_available
 from streamd.supervisor.children import Child, ChildTable, Slot
 from streamd.supervisor.restarts import RestartPolicy

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
-from streamd.pipeline.retry import Backoff
 from streamd.supervisor.children import Slot
 
 RESTART_INITIAL_S = 0.2  # the first restart comes 0.1-0.2 s after the exit (equal jitter)

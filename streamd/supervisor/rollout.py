@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.log import configure_logging
-from streamd.pipeline.retry import describe
+from streamd.backends.faults import describe
 from streamd.supervisor.child import METRICS, WORKER
 from streamd.supervisor.children import Child
 

@@ -1,9 +1,9 @@
 """`streamd bench`: an end-to-end benchmark of the pipeline, with its results verified.
 
-Rate mode (`--rate R --duration D`) produces R events/s for D s, like the seed's benchmark, and
-prints the seed's report. Drain mode (`--drain N`) pre-fills N events and times how fast serve
-works them off. Either way every event carries the run's id, a sequence number and its send time
-in microseconds, so afterwards one query over the run's entry-ID range answers:
+Rate mode (`--rate R --duration D`) produces R events/s for D s and prints a report in the form
+of the original pipeline's benchmark. Drain mode (`--drain N`) pre-fills N events and times how
+fast serve works them off. Either way every event carries the run's id, a sequence number and its
+send time in microseconds, so afterwards one query over the run's entry-ID range answers:
 
 - exactly once: lost = produced - distinct sequence numbers in Postgres; duplicated = rows - those;
 - end-to-end latency, send time -> COMMIT: the commit timestamp when Postgres tracks them
@@ -27,15 +27,15 @@ from typing import Any, TextIO
 
 import asyncpg
 import orjson
-import redis.exceptions
 
 from streamd.backends.connections import postgres_connect
+from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import check_postgres, check_redis, postgres_error, redis_error
+from streamd.backends.sql import quote_ident
 from streamd.client.producer import Producer
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.monitor import Monitor
-from streamd.pipeline.sink import quote_ident
 from streamd.tools.bench_serve import ServeRunner
 from streamd.tools.samples import ProduceResult, SampleEvents, produce_paced, progress_step
 
@@ -229,7 +229,7 @@ class LagSampler:
         while True:
             try:
                 lag = (await self.monitor.redis_stats()).lag
-            except (redis.exceptions.RedisError, OSError):
+            except REDIS_FAULTS:
                 lag = None  # a missed sample; the run itself reports real failures
             if lag is not None:
                 self.peak = lag if self.peak is None else max(self.peak, lag)
@@ -410,7 +410,7 @@ async def run_bench(
     print(header(plan), file=progress, flush=True)
     try:
         result = await Bench(settings, plan, out, progress).run()
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except REDIS_FAULTS as exc:
         raise redis_error(settings, exc, "benchmark") from None
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise postgres_error(settings, exc, "verify the benchmark") from None

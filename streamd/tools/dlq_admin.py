@@ -27,23 +27,27 @@ import asyncpg
 import click
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from streamd.backends.connections import postgres_connect, redis_client
+from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import postgres_error, redis_error
+from streamd.backends.scripts import RedisScript
+from streamd.backends.sql import quote_ident
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.errors import EXIT_USAGE, StreamdError
 from streamd.pipeline.dead_letters import decode_fields
-from streamd.pipeline.sink import quote_ident
 
 PAGE = 500
 SCAN_PAGE = 1000
 SCAN_SLACK_MS = 5 * 60 * 1000  # the dead stream's copy is written after the row's failed_at
 
-# KEYS: source stream, dead stream, replay records. ARGV: original entry ID, n, n dead-stream IDs,
-# then the original fields. Returns {1, new id} when re-queued now, {0, id} when it already was.
-REPLAY = """
+# ARGV: original entry ID, n, n dead-stream IDs, then the original fields. Returns {1, new id}
+# when re-queued now, {0, id} when it already was.
+REPLAY = RedisScript(
+    "replay",
+    keys=("source stream", "dead stream", "replay records"),
+    source="""
 local done = redis.call('HGET', KEYS[3], ARGV[1])
 local n = tonumber(ARGV[2])
 for i = 3, 2 + n do
@@ -55,7 +59,8 @@ end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3 + n))
 redis.call('HSET', KEYS[3], ARGV[1], id)
 return {1, id}
-"""
+""",
+)
 MAX_REPLAY_FIELDS = 7000  # Lua's unpack() limit is about 8000 values
 
 
@@ -162,7 +167,6 @@ class DeadLetters:
         self.stream = settings.stream
         self.dead_stream = settings.dead_stream
         self.records = f"{settings.dead_stream}:replayed"
-        self._replay = client.register_script(REPLAY)
 
     async def count(self, before: dt.datetime | None = None) -> int:
         return int(
@@ -236,7 +240,8 @@ class DeadLetters:
     async def requeue(self, letter: DeadLetter, dead_ids: list[str]) -> tuple[str, bool]:
         """Step one of a replay, atomic in Redis: XADD the original fields (unless an earlier,
         interrupted replay did), record it, drop the dead stream's copies. (new ID, now?)"""
-        reply = await self._replay(
+        reply = await REPLAY.call(
+            self.redis,
             keys=[letter.stream, self.dead_stream, self.records],
             args=[letter.entry_id, len(dead_ids), *dead_ids, *envelope_order(letter.fields)],
         )
@@ -304,7 +309,7 @@ async def _with_dlq(settings: Settings, work: Callable[[DeadLetters], Any]) -> A
         raise DlqError(
             f"table {settings.dlq_table} does not exist: run `streamd db init` (or start serve)"
         ) from None
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except REDIS_FAULTS as exc:
         raise redis_error(settings, exc, "reach the dead stream") from None
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise postgres_error(settings, exc, "read the dead letters") from None

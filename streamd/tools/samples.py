@@ -1,4 +1,5 @@
-"""Sample events of the seed's five types, and a rate-limited loop that produces them.
+"""Sample events of five types (user_created, order_placed, ...), and a rate-limited loop that
+produces them.
 
 Used by `streamd produce` and `streamd bench`. Payloads are realistic (~125 bytes of JSON) and
 varied, but drawn from a pool built once: generating random values per event would cost more
@@ -16,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import redis.exceptions
-
+from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import redis_error
 from streamd.client.producer import Producer
 from streamd.config.settings import Settings
@@ -149,7 +149,7 @@ BatchMaker = Callable[[int, int], list[tuple[str, Any]]]  # (count, first seq) -
 
 
 def progress_step(total: int) -> int:
-    """Print progress every 1000 events, like the seed, or rarer for big runs (~10 lines/s)."""
+    """Print progress every 1000 events, or rarer for big runs (~10 lines/s)."""
     step = 1000
     while total // step > 100:
         step *= 10
@@ -219,7 +219,8 @@ async def produce_samples(
     event_type: str | None,
     out: TextIO | None = None,
 ) -> ProduceResult:
-    """Produce `total` sample events with progress lines and a summary, like the seed."""
+    """Produce `total` sample events with progress lines and a summary, worded as the original
+    pipeline's producer printed them."""
     out = out or sys.stdout
     if event_type is not None and event_type not in EVENT_TYPES:
         names = ", ".join(EVENT_TYPES)
@@ -242,7 +243,7 @@ async def produce_samples(
                 on_progress=progress,
                 progress_every=progress_step(total),
             )
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except REDIS_FAULTS as exc:
         raise redis_error(settings, exc, "produce") from None
     print(
         f"Completed: {result.produced} total events produced in {result.elapsed_s:.2f} seconds "

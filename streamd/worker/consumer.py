@@ -10,136 +10,17 @@ one batch and retries it, reading nothing more.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import asyncpg
-
+from streamd.backends.faults import TRANSIENT_ERRORS, describe
+from streamd.backends.redis_groups import ensure_group, is_nogroup
 from streamd.common.aio import wait_event
+from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
-from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
-from streamd.pipeline.retry import TRANSIENT_ERRORS, Backoff, describe, retry_transient
-from streamd.pipeline.sink import PostgresSink, WriteResult
-from streamd.pipeline.streams import GroupStream, ensure_group, is_nogroup
-
-
-@dataclass(frozen=True, slots=True)
-class BatchReport:
-    """What one flush did, for logs and metrics."""
-
-    consumer: str
-    entries: int
-    inserted: int
-    duplicates: int
-    dead: list[Rejection]
-    write_s: float
-    total_s: float
-    produced_us: list[int] = field(repr=False)  # producer times of the committed rows
-    committed_at: float = 0.0  # time.time() right after COMMIT
-
-
-BatchObserver = Callable[[BatchReport], None]
-
-
-class BatchWriter:
-    """Commits a batch of raw entries to Postgres and then acknowledges it in Redis.
-
-    Shared by consumer tasks and the reaper, so a reclaimed batch follows exactly the same path.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        pool: asyncpg.Pool,
-        sink: PostgresSink,
-        observer: BatchObserver | None = None,
-    ) -> None:
-        self.settings = settings
-        self.pool = pool
-        self.sink = sink
-        self.observer = observer
-
-    async def flush(
-        self,
-        stream: GroupStream,
-        entries: list[RawEntry],
-        log: object,
-        extra_dead: list[Rejection] | None = None,
-    ) -> BatchReport:
-        """Write and acknowledge. Transient faults are retried until they heal (or cancellation)."""
-        started = time.perf_counter()
-        rows, rejects = split_entries(
-            entries, self.settings.max_event_bytes, self.settings.keep_extra_fields
-        )
-        if extra_dead:
-            rejects += extra_dead
-        backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
-
-        async def write() -> tuple[WriteResult, float]:
-            async with self.pool.acquire() as conn:
-                t0 = time.perf_counter()
-                try:
-                    written = await self.sink.write(conn, rows, rejects)
-                except BaseException:
-                    # A write cut off mid-way (server gone, timeout, cancellation) can leave the
-                    # connection mid-protocol: never hand it back to the pool for reuse.
-                    conn.terminate()
-                    raise
-                return written, time.perf_counter() - t0
-
-        # Dead letters handed in (the reaper's poison) are held by this consumer too.
-        held = (entries, extra_dead or [])
-        lease = asyncio.create_task(self._keep_leases(stream, *held), name="lease-renewal")
-        try:
-            result, write_s = await retry_transient(write, backoff=backoff, log=log, what="write")
-            committed_at = time.time()
-            refused = result.refused
-            dead = rejects + refused
-            committed = _without(rows, refused)
-            good_ids = [r[ENTRY_ID] for r in committed]
-            await retry_transient(
-                lambda: stream.ack(good_ids, dead), backoff=backoff, log=log, what="ack"
-            )
-        finally:
-            lease.cancel()
-        report = BatchReport(
-            consumer=stream.consumer,
-            entries=len(entries),
-            inserted=result.inserted,
-            duplicates=result.duplicates,
-            dead=dead,
-            write_s=write_s,
-            total_s=time.perf_counter() - started,
-            produced_us=[r[PRODUCED_US] for r in committed] if self.observer else [],
-            committed_at=committed_at,
-        )
-        if self.observer is not None:
-            self.observer(report)
-        return report
-
-    async def _keep_leases(
-        self, stream: GroupStream, entries: list[RawEntry], extra: list[Rejection]
-    ) -> None:
-        """While a flush is slow (Postgres down, a huge batch), keep its entries' idle time below
-        claim_min_idle_ms so no reaper takes over a batch that is still being worked on."""
-        interval = self.settings.claim_min_idle_ms / 1000 / 3
-        await asyncio.sleep(interval)  # most flushes end long before: no ID list for them
-        ids = [entry[0] for entry in entries] + [r.entry_id for r in extra]
-        while ids:
-            with contextlib.suppress(*TRANSIENT_ERRORS):  # the flush's retries report outages
-                await stream.renew(ids)
-            await asyncio.sleep(interval)
-
-
-def _without(rows: list[Row], refused: list[Rejection]) -> list[Row]:
-    """The rows Postgres took: all of them, but for the ones it refused."""
-    if not refused:
-        return rows
-    bad = {r.entry_id for r in refused}
-    return [r for r in rows if r[ENTRY_ID] not in bad]
+from streamd.pipeline.batch import BatchReport, BatchWriter
+from streamd.pipeline.envelope import RawEntry
+from streamd.pipeline.streams import GroupStream
 
 
 class Consumer:

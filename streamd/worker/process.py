@@ -24,9 +24,10 @@ from streamd.backends.connections import postgres_pool, redis_client
 from streamd.backends.preflight import preflight
 from streamd.config.settings import Settings
 from streamd.observability.log import bind_context, get_logger
+from streamd.pipeline.batch import BatchObserver, BatchWriter
 from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream
-from streamd.worker.consumer import BatchObserver, BatchWriter, Consumer
+from streamd.worker.consumer import Consumer
 from streamd.worker.reaper import Reaper
 
 HEARTBEAT_INTERVAL_S = 1.0

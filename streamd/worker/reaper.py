@@ -19,25 +19,31 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from streamd.backends.faults import TRANSIENT_ERRORS, describe
+from streamd.backends.redis_groups import command, ensure_group, is_nogroup
+from streamd.backends.scripts import RedisScript
 from streamd.common.aio import wait_event
 from streamd.common.procs import pid_alive
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
+from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.envelope import RawEntry, Rejection
-from streamd.pipeline.retry import TRANSIENT_ERRORS, describe
-from streamd.pipeline.streams import GroupStream, command, ensure_group, is_nogroup
-from streamd.worker.consumer import BatchWriter
+from streamd.pipeline.streams import GroupStream
 
-# KEYS: stream. ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an
-# entry it read a moment ago can never be orphaned.
-_DELETE_IF_IDLE = """
+# ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an entry it read
+# a moment ago can never be orphaned. Returns -1 when it kept the consumer.
+DELETE_IF_IDLE = RedisScript(
+    "delete_if_idle",
+    keys=("stream",),
+    source="""
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #pending == 0 then
   return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 end
 return -1
-"""
+""",
+)
 
 
 # Adoption's XCLAIM min-idle-time (capped by claim_min_idle_ms): long enough that an entry another
@@ -74,7 +80,6 @@ class Reaper:
         self.stream = stream
         self.writer = writer
         self.log = get_logger(consumer=stream.consumer)
-        self._delete_if_idle = client.register_script(_DELETE_IF_IDLE)
         self._stopping = asyncio.Event()
         # Consumers of this host are `<host>:<pid>:<task>`, like this reaper's own name.
         parts = stream.consumer.rsplit(":", 2)
@@ -158,7 +163,7 @@ class Reaper:
                 continue
             adopted = await self._adopt(name) if int(info["pending"]) else 0
             handled += adopted
-            if await self._delete_if_idle(keys=[s.stream], args=[s.group, name]) != -1:
+            if await self._delete_if_idle(name) != -1:
                 self.log.info("dead_consumer_adopted", dead_consumer=name, entries=adopted)
         return handled
 
@@ -233,11 +238,15 @@ class Reaper:
             name = as_text(info["name"])
             if int(info["pending"]) or int(info["idle"]) < s.consumer_idle_delete_ms:
                 continue
-            if await self._delete_if_idle(keys=[s.stream], args=[s.group, name]) != -1:
+            if await self._delete_if_idle(name) != -1:
                 deleted.append(name)
         if deleted:
             self.log.info("consumers_deleted", count=len(deleted), names=deleted)
         return deleted
+
+    async def _delete_if_idle(self, consumer: str) -> Any:
+        s = self.settings
+        return await DELETE_IF_IDLE.call(self.client, keys=[s.stream], args=[s.group, consumer])
 
     # --- trim ------------------------------------------------------------------------------
 

@@ -19,12 +19,13 @@ import pytest
 import redis.exceptions
 
 from streamd.backends.connections import postgres_pool, redis_client
+from streamd.backends.redis_groups import ensure_group
 from streamd.backends.schema import apply_schema
 from streamd.config.settings import Settings
 from streamd.dev.servers import PostgresServer, RedisServer
+from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.sink import PostgresSink
-from streamd.pipeline.streams import GroupStream, RawConnection, ensure_group
-from streamd.worker.consumer import BatchWriter
+from streamd.pipeline.streams import GroupStream, RawConnection
 from tests.support.helpers import ServeProcess, async_wait_until, count_rows, wait_until
 from tests.support.load import Outcome, producing, wait_for_outcome
 from tests.support.proxy import TcpProxy

@@ -18,8 +18,8 @@ from streamd.config.settings import Settings
 from streamd.dev.servers import PostgresServer
 from streamd.observability.metrics import LATENCY_BUCKETS, WorkerMetrics, worker_observer
 from streamd.observability.status_file import read_status_files
+from streamd.pipeline.batch import BatchReport
 from streamd.pipeline.envelope import PG_EPOCH_MS, Rejection
-from streamd.worker.consumer import BatchReport
 from tests.support.helpers import ServeProcess, event, wait_until, xadd
 
 pytestmark = pytest.mark.timeout(120)

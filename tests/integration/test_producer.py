@@ -14,8 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from streamd import BacklogFull, InvalidEvent, Producer, SyncProducer
+from streamd.backends.redis_groups import ensure_group
 from streamd.config.settings import Settings
-from streamd.pipeline.streams import ensure_group
 from streamd.tools.samples import EVENT_TYPES, SampleEvents
 from tests.support.helpers import ServeProcess, async_wait_until, count_rows, pg_fetch, xlen
 from tests.support.streamd_cli import explain, run_streamd

@@ -20,11 +20,18 @@ import redis.asyncio as aioredis
 
 from streamd.backends.connections import postgres_pool, redis_client
 from streamd.backends.preflight import preflight
+from streamd.backends.redis_groups import command
 from streamd.config.settings import Settings
+from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.sink import PostgresSink
-from streamd.pipeline.streams import GroupStream, command
-from streamd.worker.consumer import BatchWriter
-from streamd.worker.reaper import ADOPT_MIN_IDLE_MS, Reaper, dead_local_pid, next_id
+from streamd.pipeline.streams import GroupStream
+from streamd.worker.reaper import (
+    ADOPT_MIN_IDLE_MS,
+    DELETE_IF_IDLE,
+    Reaper,
+    dead_local_pid,
+    next_id,
+)
 from tests.support.helpers import async_wait_until, event
 
 pytestmark = pytest.mark.timeout(60)
@@ -325,8 +332,8 @@ async def test_consumer_delete_script_refuses_a_consumer_that_owns_entries(
     s = rig.settings
     await rig.add(1)
     await rig.read_as("holder:1:0")
-    reaper = rig.reaper()
-    assert await reaper._delete_if_idle(keys=[s.stream], args=[s.group, "holder:1:0"]) == -1
+    reply = await DELETE_IF_IDLE.call(rig.redis, keys=[s.stream], args=[s.group, "holder:1:0"])
+    assert reply == -1
     assert "holder:1:0" in await rig.consumers()
 
 

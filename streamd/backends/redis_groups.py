@@ -1,0 +1,33 @@
+"""Redis consumer-group helpers every layer uses: create the group, send a raw command, and tell
+a missing group (NOGROUP) from other refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+
+async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group (and the stream) if missing; True if it was created.
+
+    A new group starts at the beginning of the stream, so entries written before streamd ever ran
+    are ingested too.
+    """
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.exceptions.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    return True
+
+
+async def command(client: aioredis.Redis, *args: Any) -> Any:
+    """A raw command; its reply is returned as hiredis parsed it (see RAW_REPLY_COMMANDS)."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
