@@ -174,6 +174,8 @@ cmd_test() {
     uv run --frozen --no-sync ruff check . || rc=$((rc ? rc : 1))
     say "mypy"
     uv run --frozen --no-sync mypy || rc=$((rc ? rc : 1))
+    say "lint-imports (the layering contracts in pyproject.toml)"
+    uv run --frozen --no-sync lint-imports --no-cache || rc=$((rc ? rc : 1))
     say "mkdocs build --strict"
     local site # a scratch site: the check must not leave site/ behind
     site=$(mktemp -d)
