@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from streamd.backends.faults import describe
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.log import configure_logging
-from streamd.backends.faults import describe
 from streamd.supervisor.child import METRICS, WORKER
 from streamd.supervisor.children import Child
 
