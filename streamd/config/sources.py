@@ -41,8 +41,9 @@ class Sourced:
     source: str
 
 
-# The seed's .env names, accepted for compatibility (a STREAMD_* name wins over these).
-SEED_ENV = {
+# The original pipeline's .env names, accepted so its deployments keep working (a STREAMD_* name
+# wins over these).
+LEGACY_ENV = {
     "NUM_WORKERS": "tasks",
     "BATCH_SIZE": "batch_size",
     "BATCH_TIMEOUT_SECONDS": "batch_timeout_s",
@@ -73,7 +74,7 @@ def load_settings(
     path = _config_path(config_file, env)
     if path is not None:
         layers.update(_read_file(path))
-    layers.update(_read_seed_env(env))
+    layers.update(_read_legacy_env(env))
     layers.update(_read_env(env))
     for key, value in (set_values or {}).items():
         layers[_check_key(key, "--set")] = Sourced(value, f"flag --set {key}")
@@ -135,8 +136,10 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Sourced]:
     return out
 
 
-def _read_seed_env(env: Mapping[str, str]) -> dict[str, Sourced]:
-    out = {key: Sourced(env[name], f"env {name}") for name, key in SEED_ENV.items() if name in env}
+def _read_legacy_env(env: Mapping[str, str]) -> dict[str, Sourced]:
+    out = {
+        key: Sourced(env[name], f"env {name}") for name, key in LEGACY_ENV.items() if name in env
+    }
     if "REDIS_HOST" in env or "REDIS_PORT" in env:
         host = env.get("REDIS_HOST", "127.0.0.1")
         port = env.get("REDIS_PORT", "6379")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streamd.config.settings import Settings, mask_url
-from streamd.config.sources import SEED_ENV, field_names, load_settings
+from streamd.config.sources import LEGACY_ENV, field_names, load_settings
 from streamd.config.view import render_config, render_defaults, render_reference
 from streamd.errors import ConfigError
 
@@ -224,7 +224,7 @@ def test_env_example_and_compose_use_streamd_defaults() -> None:
     compose = dict(
         re.findall(r"(\w+): \$\{\1:-([^}]*)\}", (ROOT / "docker-compose.yml").read_text())
     )
-    for name, key in SEED_ENV.items():
+    for name, key in LEGACY_ENV.items():
         want = getattr(defaults, key)
         assert type(want)(example[name]) == want, f".env.example {name}"
         assert type(want)(compose[name]) == want, f"docker-compose.yml {name}"
