@@ -218,7 +218,7 @@ demo_py() {
     "$VENV/bin/python" - "$@" <<'PY'
 import asyncio, sys, time
 
-from streamd.config.settings import load_settings
+from streamd.config import load_settings
 from streamd.backends.connections import postgres_connect, redis_client
 from streamd.backends.sql import quote_ident
 
