@@ -17,7 +17,8 @@ Usage: ./run.sh VERB [ARGS]
   demo [--keep]        try it: private Redis + Postgres (unless configured), serve, 5000 sample
                        events, counts per type; --keep leaves serve running (./run.sh stop)
   test [PYTEST ARGS]   the whole suite (pytest -n auto), then ruff, mypy and the docs build;
-                       installs redis-server and postgresql first if missing and run as root
+                       installs redis-server, postgresql and prometheus first if missing and
+                       run as root
   start [-d] [ARGS]    streamd serve ARGS (-d: in the background, log in .streamd/serve.log)
   stop                 stop a serve started by start -d or demo --keep (SIGTERM, waits)
   produce N [ARGS]     streamd produce N: sample events of five types
@@ -82,18 +83,31 @@ have_pg_binaries() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
 }
 
-# Tests and the dev servers run their own redis-server and postgres: install them if missing.
-ensure_server_binaries() {
-    local have_redis=1
-    [[ -n ${STREAMD_REDIS_SERVER:-} ]] || command -v redis-server >/dev/null 2>&1 || have_redis=0
-    if [[ $have_redis -eq 1 ]] && have_pg_binaries; then
+have_prometheus_binaries() {
+    local dir=${STREAMD_PROMETHEUS_BIN:-}
+    if [[ -n $dir ]]; then
+        [[ -x $dir/prometheus && -x $dir/promtool ]]
         return
     fi
-    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
-        die "redis-server and PostgreSQL are needed: sudo apt-get install redis-server postgresql"
+    command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1
+}
+
+# Tests and the dev servers run their own redis-server and postgres, and the tests of the alert
+# rules their own prometheus (and promtool): install what is missing.
+ensure_server_binaries() {
+    local missing=()
+    [[ -n ${STREAMD_REDIS_SERVER:-} ]] || command -v redis-server >/dev/null 2>&1 ||
+        missing+=(redis-server)
+    have_pg_binaries || missing+=(postgresql)
+    if [[ ${1:-} == --with-prometheus ]] && ! have_prometheus_binaries; then
+        missing+=(prometheus)
     fi
-    say "installing redis-server and postgresql (apt-get)"
-    apt_install redis-server postgresql
+    [[ ${#missing[@]} -eq 0 ]] && return
+    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        die "missing: ${missing[*]}; install with: sudo apt-get install ${missing[*]}"
+    fi
+    say "installing ${missing[*]} (apt-get)"
+    apt_install "${missing[@]}"
 }
 
 streamd() { "$VENV/bin/streamd" "$@"; }
@@ -166,7 +180,7 @@ stop_serve() {
 # --- verbs ------------------------------------------------------------------------------------
 
 cmd_test() {
-    ensure_server_binaries
+    ensure_server_binaries --with-prometheus
     ensure_project
     local rc=0
     uv run --frozen --no-sync pytest -n auto "$@" || rc=$?
