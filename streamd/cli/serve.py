@@ -73,6 +73,25 @@ def serve(
     run(body)
 
 
+@cli.command()
+@click.option("--ready", is_flag=True, help="Ask /readyz (consuming, Redis and Postgres up).")
+@click.pass_context
+def health(ctx: click.Context, ready: bool) -> None:
+    """Ask a running serve's /healthz (exit 0 when it answers 200, else 1).
+
+    It asks metrics_host:metrics_port from the same settings as serve; the image's HEALTHCHECK
+    runs it. Example: streamd health --ready
+    """
+    from streamd.observability.probe import probe
+
+    def body() -> None:
+        ok, line = probe(configured(ctx), ready)
+        click.echo(line, err=not ok)
+        sys.exit(0 if ok else 1)
+
+    run(body)
+
+
 @cli.group()
 def db() -> None:
     """Database schema."""
