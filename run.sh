@@ -316,7 +316,7 @@ cmd_env() {
 cmd_client() {
     ensure_project
     use_dev_servers_if_unconfigured
-    exec "$VENV/bin/python" -m streamd.dev.clients "$@"
+    exec "$VENV/bin/python" -m streamd.tools.clients "$@"
 }
 
 cmd_clean() {

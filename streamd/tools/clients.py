@@ -4,7 +4,7 @@ Postgres streamd is configured for (the dev servers after `./run.sh dev up`).
 Passwords go to the client through its environment (PGPASSWORD, REDISCLI_AUTH), never on its
 command line, where `ps` would show them.
 
-    python -m streamd.dev.clients psql|redis-cli [ARGS...]
+    python -m streamd.tools.clients psql|redis-cli [ARGS...]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from streamd.config.settings import Settings, load_settings
+from streamd.config import Settings, load_settings
 from streamd.dev.binaries import _pg_bindir_candidates
 from streamd.errors import StreamdError
 
@@ -68,7 +68,7 @@ def redis_cli_command(settings: Settings, args: list[str]) -> tuple[list[str], d
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("psql", "redis-cli"):
-        print("usage: python -m streamd.dev.clients psql|redis-cli [ARGS...]", file=sys.stderr)
+        print("usage: python -m streamd.tools.clients psql|redis-cli [ARGS...]", file=sys.stderr)
         return 2
     try:
         settings = load_settings()[0]
