@@ -3,7 +3,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
-STATE_DIR=.streamd
+STATE_DIR=${RUN_SH_STATE_DIR:-.streamd} # another place: for the tests of run.sh itself
 DEV_ENV=$STATE_DIR/dev/env
 SERVE_PID=$STATE_DIR/serve.pid
 SERVE_LOG=$STATE_DIR/serve.log
@@ -17,19 +17,24 @@ Usage: ./run.sh VERB [ARGS]
   demo [--keep]        try it: private Redis + Postgres (unless configured), serve, 5000 sample
                        events, counts per type; --keep leaves serve running (./run.sh stop)
   test [PYTEST ARGS]   the whole suite (pytest -n auto), then ruff, mypy and the docs build;
-                       installs redis-server and postgresql first if missing and run as root
+                       installs redis-server, postgresql and prometheus first if missing and
+                       run as root
   start [-d] [ARGS]    streamd serve ARGS (-d: in the background, log in .streamd/serve.log)
   stop                 stop a serve started by start -d or demo --keep (SIGTERM, waits)
   produce N [ARGS]     streamd produce N: sample events of five types
   monitor [S] [ARGS]   streamd monitor --interval S (default 5)
   benchmark R D [ARGS] streamd bench --rate R --duration D
   dev up|down|status   private Redis and Postgres under .streamd/dev (streamd dev ...)
+  env                  shell lines for another terminal: eval "$(./run.sh env)" puts streamd
+                       on PATH and points it at the same Redis and Postgres as run.sh
+  psql [ARGS]          psql on streamd's Postgres (the dev server after dev up)
+  redis-cli [ARGS]     redis-cli on streamd's Redis (the dev server after dev up)
   clean                stop serve and the dev servers, delete .streamd/
   help                 this text
 
 Settings come from STREAMD_* variables, or the compatible names (REDIS_HOST, POSTGRES_*, ...) in
-./.env, which is read when present. With neither set, start/produce/monitor/benchmark use the dev
-servers once `./run.sh dev up` has run.
+./.env, which is read when present. With neither set, start/produce/monitor/benchmark/env/psql/
+redis-cli use the dev servers once `./run.sh dev up` has run.
 EOF
 }
 
@@ -61,6 +66,7 @@ ensure_uv() {
 
 ensure_project() {
     ensure_uv
+    export STREAMD_INVOKED_AS=./run.sh # streamd's hints then name ./run.sh commands
     uv sync --frozen --quiet || die "uv sync --frozen failed (is uv.lock up to date?)"
     if [[ -f .env ]]; then
         set -a
@@ -82,18 +88,31 @@ have_pg_binaries() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
 }
 
-# Tests and the dev servers run their own redis-server and postgres: install them if missing.
-ensure_server_binaries() {
-    local have_redis=1
-    [[ -n ${STREAMD_REDIS_SERVER:-} ]] || command -v redis-server >/dev/null 2>&1 || have_redis=0
-    if [[ $have_redis -eq 1 ]] && have_pg_binaries; then
+have_prometheus_binaries() {
+    local dir=${STREAMD_PROMETHEUS_BIN:-}
+    if [[ -n $dir ]]; then
+        [[ -x $dir/prometheus && -x $dir/promtool ]]
         return
     fi
-    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
-        die "redis-server and PostgreSQL are needed: sudo apt-get install redis-server postgresql"
+    command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1
+}
+
+# Tests and the dev servers run their own redis-server and postgres, and the tests of the alert
+# rules their own prometheus (and promtool): install what is missing.
+ensure_server_binaries() {
+    local missing=()
+    [[ -n ${STREAMD_REDIS_SERVER:-} ]] || command -v redis-server >/dev/null 2>&1 ||
+        missing+=(redis-server)
+    have_pg_binaries || missing+=(postgresql)
+    if [[ ${1:-} == --with-prometheus ]] && ! have_prometheus_binaries; then
+        missing+=(prometheus)
     fi
-    say "installing redis-server and postgresql (apt-get)"
-    apt_install redis-server postgresql
+    [[ ${#missing[@]} -eq 0 ]] && return
+    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        die "missing: ${missing[*]}; install with: sudo apt-get install ${missing[*]}"
+    fi
+    say "installing ${missing[*]} (apt-get)"
+    apt_install "${missing[@]}"
 }
 
 streamd() { "$VENV/bin/streamd" "$@"; }
@@ -166,7 +185,7 @@ stop_serve() {
 # --- verbs ------------------------------------------------------------------------------------
 
 cmd_test() {
-    ensure_server_binaries
+    ensure_server_binaries --with-prometheus
     ensure_project
     local rc=0
     uv run --frozen --no-sync pytest -n auto "$@" || rc=$?
@@ -193,7 +212,7 @@ cmd_demo() {
     if ! configured; then
         ensure_server_binaries
         say "no Redis/Postgres configured: starting private ones (streamd dev up)"
-        streamd dev up >/dev/null
+        streamd dev up --root "$STATE_DIR/dev" >/dev/null
         # shellcheck disable=SC1090
         . "$DEV_ENV"
     fi
@@ -207,7 +226,11 @@ cmd_demo() {
     demo_py wait $((before + DEMO_EVENTS)) 60
     streamd monitor --once
     if [[ $keep -eq 1 ]]; then
-        say "serve keeps running (pid $(serve_pid)); stop it with: ./run.sh stop"
+        say "serve keeps running (pid $(serve_pid)), log in $SERVE_LOG; stop it with: ./run.sh stop"
+        say "in another terminal, from $PWD:"
+        say "  ./run.sh redis-cli XADD events '*' type user_created data '{\"user_id\":1}'"
+        say "  ./run.sh psql -c 'SELECT entry_id, event_type, payload FROM events LIMIT 5'"
+        say "  eval \"\$(./run.sh env)\"    # then streamd itself: streamd monitor"
     else
         stop_serve
     fi
@@ -272,11 +295,35 @@ cmd_start() {
     exec "$VENV/bin/streamd" serve "$@"
 }
 
+# For another terminal: the PATH, .env and dev servers that run.sh itself uses.
+cmd_env() {
+    ensure_project
+    printf '# streamd from %s; use it in a shell with: eval "$(./run.sh env)"\n' "$PWD"
+    local venv=$VENV
+    [[ $venv == /* ]] || venv=$PWD/$venv
+    printf 'export PATH=%q:"$PATH"\n' "$venv/bin"
+    if [[ -f .env ]]; then
+        printf 'set -a; . %q; set +a\n' "$PWD/.env"
+    fi
+    if ! configured && [[ -f $DEV_ENV ]]; then
+        grep '^export ' "$DEV_ENV"
+    elif ! configured; then
+        say "no Redis/Postgres configured (STREAMD_*, .env) and no dev servers: ./run.sh dev up"
+    fi
+}
+
+# psql / redis-cli with streamd's own settings (the password through the environment).
+cmd_client() {
+    ensure_project
+    use_dev_servers_if_unconfigured
+    exec "$VENV/bin/python" -m streamd.tools.clients "$@"
+}
+
 cmd_clean() {
     ensure_project
     stop_serve
     if [[ -d $STATE_DIR/dev ]]; then
-        streamd dev down
+        streamd dev down --root "$STATE_DIR/dev"
     fi
     rm -rf "$STATE_DIR"
     say "removed $STATE_DIR/"
@@ -307,10 +354,12 @@ main() {
         ensure_project && use_dev_servers_if_unconfigured
         streamd bench --rate "$1" --duration "$2" "${@:3}"
         ;;
+    env) cmd_env ;;
+    psql | redis-cli) cmd_client "$verb" "$@" ;;
     dev)
         [[ $# -ge 1 ]] || die "usage: ./run.sh dev up|down|status"
         [[ $1 == up ]] && ensure_server_binaries
-        ensure_project && streamd dev "$@"
+        ensure_project && streamd dev "$1" --root "$STATE_DIR/dev" "${@:2}"
         ;;
     *)
         usage >&2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,14 +38,29 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Every option's default is shown the one way, click's "[default: ...]" (a default that depends
+# on something else is a phrase in parentheses), and every command's help ends with examples.
+CONTEXT_SETTINGS = {
+    "help_option_names": ["-h", "--help"],
+    "max_content_width": 100,
+    "show_default": True,
+}
+
+
+def from_config(key: str) -> str:
+    """show_default for a flag that overrides a config key: the key, and its own default."""
+    default = Settings.__dataclass_fields__[key].default
+    return f"{key} from the config, else {default}"
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--config",
     "config_file",
     metavar="FILE",
     envvar="STREAMD_CONFIG",
-    help="Config file (TOML). Default: ./conf/streamd.toml, then "
-    "/etc/streamd/streamd.toml, if present.",
+    show_default="./conf/streamd.toml, then /etc/streamd/streamd.toml, if present",
+    help="Config file (TOML).",
 )
 @click.option(
     "--set",
@@ -60,17 +76,30 @@ def cli(ctx: click.Context, config_file: str | None, overrides: tuple[str, ...])
 
     Settings come from flags, then STREAMD_* environment variables, then the config file, then
     defaults. `streamd config` shows the result and where each value came from.
+
+    Examples:
+
+    \b
+      streamd serve
+      streamd --config /etc/streamd/streamd.toml --set batch_size=500 serve
+      streamd COMMAND --help
     """
     ctx.obj = Context(config_file, _parse_set(overrides))
 
 
 def run(func: Callable[[], Any]) -> Any:
-    """Run a command body; user-facing errors become one line and their exit code."""
+    """Run a command body; user-facing errors become one line and their exit code. A reader
+    that leaves early (`streamd logs ... | head`) ends the command quietly, with 0."""
     try:
         return func()
     except StreamdError as exc:
         click.echo(f"streamd: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # Later writes (and the flush at exit) would fail again, with a traceback: send what is
+        # left of stdout nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 def configured(ctx: click.Context, **flags: Any) -> Settings:

@@ -9,7 +9,15 @@ from streamd.cli.app import cli, run
 
 @cli.group()
 def dev() -> None:
-    """Private local Redis and PostgreSQL for trying streamd out (data in .streamd/dev)."""
+    """Private local Redis and PostgreSQL for trying streamd out (data in .streamd/dev).
+
+    Examples:
+
+    \b
+      eval "$(streamd dev up)"
+      streamd dev status
+      streamd dev down
+    """
 
 
 _dev_root = click.option(
@@ -23,21 +31,44 @@ _dev_root = click.option(
 
 @dev.command("up")
 @_dev_root
-@click.option("--redis-port", type=click.IntRange(1, 65535), help="Default 16379.")
-@click.option("--postgres-port", type=click.IntRange(1, 65535), help="Default 15432.")
+@click.option(
+    "--redis-port",
+    type=click.IntRange(1, 65535),
+    metavar="N",
+    show_default="16379, or the port of the last up",
+    help="Port for the dev Redis (remembered).",
+)
+@click.option(
+    "--postgres-port",
+    type=click.IntRange(1, 65535),
+    metavar="N",
+    show_default="15432, or the port of the last up",
+    help="Port for the dev PostgreSQL (remembered).",
+)
 def dev_up_cmd(root: str, redis_port: int | None, postgres_port: int | None) -> None:
     """Start them (if not running) and print the environment that points streamd at them.
 
-    Use it as: eval "$(streamd dev up)", or run it and then: source .streamd/dev/env
+    Both ports are checked before either server starts. Use it as: eval "$(streamd dev up)",
+    or run it and then: source .streamd/dev/env (with run.sh: eval "$(./run.sh env)").
+
+    Examples:
+
+    \b
+      eval "$(streamd dev up)"
+      streamd dev up --redis-port 26379 --postgres-port 25432
     """
     from pathlib import Path
 
-    from streamd.dev.commands import dev_up, export_lines
+    from streamd.dev.commands import command_hint, dev_up, export_lines
 
     def body() -> None:
         env = dev_up(Path(root), redis_port=redis_port, postgres_port=postgres_port)
         click.echo("\n".join(export_lines(env)))
-        hint = f'eval "$(streamd dev up)"  or  source {Path(root, "env")}'
+        env_file = Path(root, "env")
+        if command_hint() == "./run.sh":
+            hint = f'eval "$(./run.sh env)"  or  source {env_file}'
+        else:
+            hint = f'eval "$({command_hint()} dev up)"  or  source {env_file}'
         click.echo(f"# dev servers up; to use them in your shell: {hint}", err=True)
 
     run(body)
@@ -46,7 +77,13 @@ def dev_up_cmd(root: str, redis_port: int | None, postgres_port: int | None) -> 
 @dev.command("down")
 @_dev_root
 def dev_down_cmd(root: str) -> None:
-    """Stop them (their data stays until `./run.sh clean`)."""
+    """Stop them (their data stays until `./run.sh clean`).
+
+    Examples:
+
+    \b
+      streamd dev down
+    """
     from pathlib import Path
 
     from streamd.dev.commands import dev_down
@@ -62,7 +99,14 @@ def dev_down_cmd(root: str) -> None:
 @_dev_root
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def dev_status_cmd(root: str, as_json: bool) -> None:
-    """Show whether they run, their pids and how to reach them."""
+    """Show whether they run, their pids and how to reach them.
+
+    Examples:
+
+    \b
+      streamd dev status
+      streamd dev status --json
+    """
     import json
     from pathlib import Path
 

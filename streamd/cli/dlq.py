@@ -11,7 +11,14 @@ from streamd.cli.app import cli, configured, run
 
 @cli.group()
 def dlq() -> None:
-    """Inspect and re-drive dead letters (table dead_letter_queue, stream <stream>:dead)."""
+    """Inspect and re-drive dead letters (table dead_letter_queue, stream <stream>:dead).
+
+    Examples:
+
+    \b
+      streamd dlq list
+      streamd dlq replay --all
+    """
 
 
 @dlq.command("list")
@@ -19,7 +26,14 @@ def dlq() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.pass_context
 def dlq_list_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
-    """The newest dead letters of the stream, and how many there are."""
+    """The newest dead letters of the stream, and how many there are.
+
+    Examples:
+
+    \b
+      streamd dlq list
+      streamd dlq list --limit 100 --json
+    """
     from streamd.tools.dlq_admin import dlq_list
 
     run(lambda: asyncio.run(dlq_list(configured(ctx), limit, as_json)))
@@ -31,7 +45,14 @@ def dlq_list_cmd(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def dlq_replay_cmd(ctx: click.Context, ids: tuple[str, ...], replay_all: bool, yes: bool) -> None:
-    """Re-queue dead letters to their stream (original fields), then remove them from the DLQ."""
+    """Re-queue dead letters to their stream (original fields), then remove them from the DLQ.
+
+    Examples:
+
+    \b
+      streamd dlq replay --id 1795634353417-0
+      streamd dlq replay --all --yes
+    """
     from streamd.tools.dlq_admin import dlq_replay
 
     run(lambda: asyncio.run(dlq_replay(configured(ctx), ids, replay_all, yes)))
@@ -42,7 +63,14 @@ def dlq_replay_cmd(ctx: click.Context, ids: tuple[str, ...], replay_all: bool, y
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def dlq_purge_cmd(ctx: click.Context, before: str | None, yes: bool) -> None:
-    """Delete dead letters for good (table and dead stream)."""
+    """Delete dead letters for good (table and dead stream).
+
+    Examples:
+
+    \b
+      streamd dlq purge --before 7d
+      streamd dlq purge --yes
+    """
     from streamd.tools.dlq_admin import dlq_purge
 
     run(lambda: asyncio.run(dlq_purge(configured(ctx), before, yes)))

@@ -8,6 +8,8 @@ import click
 
 from streamd.cli.app import Context, cli, configured, round_trip_batch, run
 
+BENCH_TABLE = "bench_events"  # the stream and table of `bench --serve`
+
 
 @cli.command()
 @click.argument("count", type=click.IntRange(1), metavar="N")
@@ -15,21 +17,30 @@ from streamd.cli.app import Context, cli, configured, round_trip_batch, run
     "--rate",
     type=click.FloatRange(0, min_open=True),
     metavar="R",
-    help="Events per second (default: as fast as possible).",
+    show_default="as fast as possible",
+    help="Events per second.",
 )
 @round_trip_batch(default=500)
 @click.option(
     "--type",
     "event_type",
     metavar="T",
-    help="Only this sample type (default: all five, mixed): user_created, order_placed, "
-    "payment_processed, product_viewed, order_shipped.",
+    show_default="all five, mixed",
+    help="Only this sample type: user_created, order_placed, payment_processed, "
+    "product_viewed, order_shipped.",
 )
 @click.pass_context
 def produce(
     ctx: click.Context, count: int, rate: float | None, batch_size: int, event_type: str | None
 ) -> None:
-    """Produce N sample events to the stream (waits while the backlog is above max_backlog)."""
+    """Produce N sample events to the stream (waits while the backlog is above max_backlog).
+
+    Examples:
+
+    \b
+      streamd produce 5000
+      streamd produce 100000 --rate 2000 --type order_placed
+    """
     import uvloop
 
     from streamd.tools.samples import produce_samples
@@ -57,7 +68,18 @@ def produce(
 @click.option(
     "--drain", type=click.IntRange(1), metavar="N", help="Instead: pre-fill N, time the drain."
 )
-@click.option("--serve", "own_serve", is_flag=True, help="Start (and stop) a serve of its own.")
+@click.option(
+    "--serve",
+    "own_serve",
+    is_flag=True,
+    help="Start (and stop) a serve of its own, on a stream and table of its own (--table).",
+)
+@click.option(
+    "--table",
+    metavar="NAME",
+    show_default=f"{BENCH_TABLE}, with --serve",
+    help="With --serve: the stream and events table of the run (dead letters: NAME_dead).",
+)
 @click.option(
     "--procs", type=click.IntRange(1, 256), default=1, show_default=True, help="With --serve."
 )
@@ -79,6 +101,7 @@ def bench(
     duration_s: float | None,
     drain: int | None,
     own_serve: bool,
+    table: str | None,
     procs: int,
     batch_size: int,
     wait_s: float,
@@ -86,8 +109,16 @@ def bench(
 ) -> None:
     """End-to-end benchmark: rate accuracy, latency percentiles, exactly-once check.
 
-    Either --rate R --duration D, or --drain N. Against a running serve, or --serve.
-    Exits 1 if any event was lost or duplicated.
+    Either --rate R --duration D, or --drain N. Against a running serve (its stream and table:
+    the header says which), or --serve, which runs one of its own on a stream and table of its
+    own. Exits 1 if any event was lost or duplicated.
+
+    Examples:
+
+    \b
+      streamd bench --rate 5000 --duration 10 --serve
+      streamd bench --drain 100000 --serve --procs 2 --json
+      streamd bench --rate 1000 --duration 30
     """
     import uvloop
 
@@ -98,6 +129,22 @@ def bench(
     if drain is not None and (rate is not None or duration_s is not None):
         raise click.UsageError("--drain N cannot be combined with --rate/--duration")
     obj: Context = ctx.obj
+    if table is not None and not own_serve:
+        raise click.UsageError(
+            "--table needs --serve: a running serve writes where its own config says "
+            "(point bench at the same stream and table with --set stream=... "
+            "--set events_table=...)"
+        )
+    if own_serve:
+        # Its own stream and tables: a serve of production never sees the bench's events, and
+        # the bench's serve never takes production's.
+        name = table or BENCH_TABLE
+        obj.overrides |= {
+            "stream": name,
+            "events_table": name,
+            "dlq_table": f"{name}_dead",
+            "dlq_stream": "",
+        }
     global_args = ["--config", obj.config_file] if obj.config_file else []
     for key, value in obj.overrides.items():
         global_args += ["--set", f"{key}={value}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import click
@@ -24,7 +25,15 @@ from streamd.cli.app import cli, configured, run
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per refresh.")
 @click.pass_context
 def monitor(ctx: click.Context, interval_s: float, once: bool, as_json: bool) -> None:
-    """The pipeline dashboard: stream, group lag, DLQ, Postgres totals, serve processes."""
+    """The pipeline dashboard: stream, group lag, DLQ, Postgres totals, serve processes.
+
+    Examples:
+
+    \b
+      streamd monitor
+      streamd monitor --once
+      streamd monitor --interval 1 --json
+    """
     from streamd.observability.dashboard import run_monitor
 
     def body() -> None:
@@ -46,39 +55,40 @@ def monitor(ctx: click.Context, interval_s: float, once: bool, as_json: bool) ->
 @click.option(
     "-n",
     "--lines",
-    "start_lines",
+    "last",
     type=click.IntRange(0),
-    default=10,
-    show_default=True,
-    help="With --follow: start with the last N lines.",
+    metavar="N",
+    show_default="all; 10 with --follow",
+    help="Only the last N lines shown (after --level and --grep).",
 )
 @click.option("--level", metavar="L", help="Hide JSON lines below L (debug..critical).")
 @click.option("--grep", metavar="TEXT", help="Only lines containing TEXT.")
-@click.option("--color/--no-color", default=None, help="Default: colour on a terminal.")
+@click.option(
+    "--color/--no-color", default=None, show_default="on a terminal", help="Colour the output."
+)
 def logs(
     file: str | None,
     follow: bool,
-    start_lines: int,
+    last: int | None,
     level: str | None,
     grep: str | None,
     color: bool | None,
 ) -> None:
     """Pretty-print JSON log lines from FILE or stdin; other lines pass through unchanged.
 
-    journalctl -u streamd -o cat | streamd logs --level warning
-    """
-    import os
+    Examples:
 
+    \b
+      journalctl -u streamd -o cat | streamd logs --level warning
+      streamd logs /var/log/streamd.log -n 20 --grep ingest_progress
+      streamd logs /var/log/streamd.log --follow
+    """
     from streamd.observability.logview import LogView, min_level, show_logs
 
     def body() -> None:
         use_color = sys.stdout.isatty() if color is None else color
         view = LogView(min_level(level), grep, use_color)
-        try:
-            show_logs(file, view, follow=follow, start_lines=start_lines)
-        except KeyboardInterrupt:
-            pass  # how a --follow ends
-        except BrokenPipeError:  # `streamd logs ... | head`: the reader left, which is fine
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(KeyboardInterrupt):  # how a --follow ends
+            show_logs(file, view, follow=follow, last=last)
 
     run(body)

@@ -26,6 +26,19 @@ def _paragraphs(help_text: str) -> list[str]:
     return [" ".join(line.strip() for line in p.splitlines()) for p in paragraphs if p.strip()]
 
 
+def _blocks(help_text: str) -> list[str]:
+    """A command's help as Markdown blocks: prose paragraphs, and the paragraphs click keeps as
+    they are (marked with \\b: the examples) as code blocks."""
+    out = []
+    for paragraph in re.split(r"\n\s*\n", help_text.strip()):
+        if paragraph.lstrip().startswith("\b"):
+            lines = [line.strip() for line in paragraph.splitlines()[1:] if line.strip()]
+            out.append("```sh\n" + "\n".join(lines) + "\n```")
+        elif paragraph.strip():
+            out.append(_text(" ".join(line.strip() for line in paragraph.splitlines())))
+    return out
+
+
 def _option(option: click.Option, ctx: click.Context) -> str:
     record = option.get_help_record(ctx)
     names = record[0] if record else " / ".join(option.opts)
@@ -49,8 +62,8 @@ def _command(command: click.Command, ctx: click.Context, level: int) -> list[str
     """One command's section, then its subcommands' (one heading level deeper)."""
     usage = " ".join([ctx.command_path, *command.collect_usage_pieces(ctx)])
     out = [f"{'#' * level} `{ctx.command_path}`", "", "```", usage, "```", ""]
-    for paragraph in _paragraphs(command.help or ""):
-        out += [_text(paragraph), ""]
+    for block in _blocks(command.help or ""):
+        out += [block, ""]
     help_option = command.get_help_option(ctx)
     options = [
         p

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from streamd.cli.app import cli, configured, run
+from streamd.cli.app import cli, configured, from_config, run
 from streamd.config.settings import Settings
 
 
@@ -24,25 +24,30 @@ def _procs(value: str | None) -> str | None:
     "--procs",
     metavar="auto|N",
     callback=lambda _c, _p, v: _procs(v),
-    help="Worker processes (default: auto, one per CPU core). Env STREAMD_PROCS.",
+    show_default=from_config("procs"),
+    help="Worker processes: auto is one per CPU core. Env STREAMD_PROCS.",
 )
 @click.option(
     "--tasks",
     type=click.IntRange(1, 256),
     metavar="N",
-    help="Consumer tasks per process (default 5). Env STREAMD_TASKS.",
+    show_default=from_config("tasks"),
+    help="Consumer tasks per process. Env STREAMD_TASKS.",
 )
 @click.option(
     "--batch-size",
     type=click.IntRange(1),
     metavar="N",
-    help="Events per batch (default 2000). Env STREAMD_BATCH_SIZE.",
+    show_default=from_config("batch_size"),
+    help="Events per batch. Env STREAMD_BATCH_SIZE.",
 )
 @click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     metavar="PORT",
-    help="Port for /metrics, /healthz, /readyz on metrics_host; 0 disables.",
+    show_default=from_config("metrics_port"),
+    help="Port for /metrics, /healthz, /readyz on metrics_host; 0 disables. Env "
+    "STREAMD_METRICS_PORT.",
 )
 @click.pass_context
 def serve(
@@ -55,6 +60,13 @@ def serve(
     """Run the pipeline until SIGTERM/SIGINT (then flush, acknowledge and exit 0).
 
     Creates the schema and the consumer group if missing. SIGHUP reloads the config.
+
+    Examples:
+
+    \b
+      streamd serve
+      streamd serve --procs 2 --tasks 8 --metrics-port 0
+      streamd serve --config /etc/streamd/streamd.toml
     """
     flags = {"procs": procs, "tasks": tasks, "batch_size": batch_size, "metrics_port": metrics_port}
 
@@ -73,15 +85,53 @@ def serve(
     run(body)
 
 
+@cli.command()
+@click.option("--ready", is_flag=True, help="Ask /readyz (consuming, Redis and Postgres up).")
+@click.pass_context
+def health(ctx: click.Context, ready: bool) -> None:
+    """Ask a running serve's /healthz (exit 0 when it answers 200, else 1).
+
+    It asks metrics_host:metrics_port from the same settings as serve; the image's HEALTHCHECK
+    runs it.
+
+    Examples:
+
+    \b
+      streamd health
+      streamd --set metrics_port=19465 health --ready
+    """
+    from streamd.observability.probe import probe
+
+    def body() -> None:
+        ok, line = probe(configured(ctx), ready)
+        click.echo(line, err=not ok)
+        sys.exit(0 if ok else 1)
+
+    run(body)
+
+
 @cli.group()
 def db() -> None:
-    """Database schema."""
+    """Database schema.
+
+    Examples:
+
+    \b
+      streamd db init
+    """
 
 
 @db.command("init")
 @click.pass_context
 def db_init(ctx: click.Context) -> None:
-    """Create or upgrade the events and dead-letter tables (idempotent)."""
+    """Create or upgrade the events and dead-letter tables (idempotent).
+
+    Examples:
+
+    \b
+      streamd db init
+      STREAMD_POSTGRES_DSN=postgresql://owner@db/app streamd db init
+    """
     from streamd.backends.preflight import check_postgres
 
     def body() -> None:
@@ -98,11 +148,19 @@ def db_init(ctx: click.Context) -> None:
 @click.option(
     "--defaults",
     is_flag=True,
-    help="Print every key at its default, documented: a starting conf/streamd.toml.",
+    help="Print every key at its built-in value, documented: a starting conf/streamd.toml.",
 )
 @click.pass_context
 def config_cmd(ctx: click.Context, as_json: bool, sources: bool, defaults: bool) -> None:
-    """Print the effective config (passwords masked)."""
+    """Print the effective config (passwords masked).
+
+    Examples:
+
+    \b
+      streamd config
+      streamd config --json --no-sources
+      streamd config --defaults > conf/streamd.toml
+    """
     from streamd.config.view import render_config, render_defaults
 
     def body() -> None:

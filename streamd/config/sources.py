@@ -50,8 +50,12 @@ LEGACY_ENV = {
     "XREAD_COUNT": "read_count",
     "XREAD_BLOCK_MS": "block_ms",
 }
-# STREAMD_* names that are not config keys: the config file's path, and the dev servers' binaries.
-_NOT_KEYS = frozenset({"STREAMD_CONFIG", "STREAMD_PG_BIN", "STREAMD_REDIS_SERVER"})
+# STREAMD_* names that are not config keys: the config file's path, the dev and test servers'
+# binaries, and how run.sh calls streamd (for the commands that hints name).
+_NOT_KEYS = frozenset(
+    {"STREAMD_CONFIG", "STREAMD_PG_BIN", "STREAMD_REDIS_SERVER", "STREAMD_PROMETHEUS_BIN"}
+    | {"STREAMD_INVOKED_AS"}
+)
 
 
 def field_names() -> list[str]:

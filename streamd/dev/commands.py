@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +40,53 @@ def dev_up(
 ) -> dict[str, str]:
     """Start (or find running) the dev Redis and PostgreSQL under root; write root/env.
 
+    Both ports are checked before either server starts, and a server this call started is
+    stopped again if the other one fails: a failed `up` leaves nothing behind.
     Returns the environment that points streamd at them (STREAMD_REDIS_URL, STREAMD_POSTGRES_DSN).
     """
     root = root.absolute()
     redis, postgres = _dev_servers(root, redis_port, postgres_port)
     redis.binary, postgres.bindir = redis_server_binary(), postgres_bindir()  # both, or neither
-    for server, flag in ((redis, "--redis-port"), (postgres, "--postgres-port")):
-        _dev_start(server, flag)
+    servers = ((redis, "--redis-port"), (postgres, "--postgres-port"))
+    to_start = [server for server, _ in servers if not _running(server)]
+    for server, flag in servers:
+        if server in to_start and not port_is_free(server.port):
+            raise DevServerError(
+                f"port {server.port} on 127.0.0.1 is already in use by another program, not "
+                f"streamd's dev {server.name}; stop it or pick another port: "
+                f"{command_hint()} dev up {flag} N"
+            )
+    started: list[RedisServer | PostgresServer] = []
+    try:
+        for server in to_start:
+            server.start()
+            started.append(server)
+    except BaseException:
+        for server in reversed(started):
+            server.stop()
+        raise
     _enable_pg_stat_statements(postgres)
     _write_state(root, {"redis_port": redis.port, "postgres_port": postgres.port})
     env = {"STREAMD_REDIS_URL": redis.url, "STREAMD_POSTGRES_DSN": postgres.dsn}
     lines = [f"# streamd dev servers; load with: source {root / 'env'}", *export_lines(env)]
     (root / "env").write_text("\n".join(lines) + "\n")
     return env
+
+
+def command_hint() -> str:
+    """How the user runs streamd, for the commands a hint names: `./run.sh` when run.sh called
+    us ($STREAMD_INVOKED_AS), `streamd` when that is on PATH, else the path that was run."""
+    invoked = os.environ.get("STREAMD_INVOKED_AS")
+    if invoked:
+        return invoked
+    if shutil.which("streamd"):
+        return "streamd"
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "__main__.py":  # python -m streamd
+        return "python -m streamd"
+    with contextlib.suppress(ValueError):
+        return str(argv0.absolute().relative_to(Path.cwd()))
+    return str(argv0)
 
 
 def _enable_pg_stat_statements(postgres: PostgresServer) -> None:
@@ -74,20 +111,16 @@ def export_lines(env: dict[str, str]) -> list[str]:
     return [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
 
 
-def _dev_start(server: RedisServer | PostgresServer, flag: str) -> None:
-    if server.is_running():
-        if not server.ping():
-            raise DevServerError(
-                f"dev {server.name} (pid {server.pid}) runs but does not answer on port "
-                f"{server.port}; see {server.log_path}, or run `streamd dev down`"
-            )
-        return
-    if not port_is_free(server.port):
+def _running(server: RedisServer | PostgresServer) -> bool:
+    """Whether this dev server runs already (and answers: one that does not is an error)."""
+    if not server.is_running():
+        return False
+    if not server.ping():
         raise DevServerError(
-            f"port {server.port} on 127.0.0.1 is already in use by another program, not "
-            f"streamd's dev {server.name}; stop it or pick another port: streamd dev up {flag} N"
+            f"dev {server.name} (pid {server.pid}) runs but does not answer on port "
+            f"{server.port}; see {server.log_path}, or run `{command_hint()} dev down`"
         )
-    server.start()
+    return True
 
 
 def dev_down(root: Path = DEV_ROOT) -> dict[str, bool]:

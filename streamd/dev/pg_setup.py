@@ -95,14 +95,18 @@ def initdb(data_dir: Path, *, bindir: Path | None = None, sync: bool = True) -> 
         grant_traverse(data_dir.parent, owner)
     cmd = [str(bindir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust"]
     cmd += ["--encoding=UTF8", "--locale=C", *([] if sync else ["--no-sync"])]
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=str(data_dir),
-        **run_as(owner),
-    )
+    try:
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=str(data_dir),
+            **run_as(owner),
+        )
+    except OSError as exc:  # not executable by the user it runs as (root: the postgres user)
+        who = f" as {owner.pw_name}" if owner is not None else ""
+        raise DevServerError(f"cannot run {cmd[0]}{who}: {exc.strerror or exc}") from None
     if out.returncode != 0:
         tail = " | ".join((out.stdout + out.stderr).strip().splitlines()[-6:])
         raise DevServerError(f"initdb into {data_dir} failed (exit {out.returncode}): {tail}")

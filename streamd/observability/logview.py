@@ -2,7 +2,8 @@
 the file like `tail -F` (across rotation and truncation).
 
     journalctl -u streamd -o cat | streamd logs --level warning
-    streamd logs /var/log/streamd.log --follow --grep batch_flushed
+    streamd logs /var/log/streamd.log --follow --grep ingest_progress
+    streamd logs /var/log/streamd.log -n 20 --level warning    # the last 20 warnings
 
 A JSON object line becomes `time level event key=value ... context`; anything else (a traceback, a
 line from another program) passes through unchanged and is never hidden by --level, since the
@@ -15,6 +16,7 @@ import io
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,42 +134,82 @@ def _decode(line: bytes) -> str:
     return line.rstrip(b"\r").decode("utf-8", "replace")
 
 
-def last_lines_offset(f: BinaryIO, count: int) -> int:
-    """The offset where the last `count` lines of the file begin."""
-    end = f.seek(0, os.SEEK_END)
+def tail_offset(f: BinaryIO, view: LogView, count: int, end: int) -> tuple[int, list[str]]:
+    """Where the last `count` lines that `view` shows, among the complete lines before `end`,
+    begin, and those lines rendered. Reads back from the end in growing steps: a file of
+    gigabytes with the lines wanted near its end costs a few blocks."""
+    want = count
+    while True:
+        start = _lines_back(f, want, end)
+        f.seek(start)
+        shown = _rendered(_lines(_read_range(f, end - start)), view)
+        if len(shown) >= count or start == 0:
+            return start, shown[-count:] if count else []
+        want *= 4
+
+
+def _lines_back(f: BinaryIO, count: int, end: int) -> int:
+    """The offset where the last `count` lines before `end` begin."""
     if count <= 0:
         return end
-    block = 8192
-    pos = end
-    newlines = 0
+    block, pos, newlines = 8192, end, 0
     while pos > 0:
         step = min(block, pos)
         pos -= step
         f.seek(pos)
         data = f.read(step)
         if pos + step == end and data.endswith(b"\n"):
-            data = data[:-1]  # the file's final newline ends the last line, it does not start one
+            data = data[:-1]  # the final newline ends the last line, it does not start one
         newlines += data.count(b"\n")
         if newlines >= count:
-            excess = newlines - count
             index = -1
-            for _ in range(excess + 1):
+            for _ in range(newlines - count + 1):
                 index = data.index(b"\n", index + 1)
             return pos + index + 1
         block *= 2
     return 0
 
 
-class Follower:
-    """Reads a file to its end, then keeps reading what is appended, like `tail -F`: a file
-    replaced by rotation is reopened (after what the old one still held is read), and a file
-    truncated in place is read again from its start. As with tail, truncation is seen as the
-    file being shorter than what was read: lines written into it faster than that are missed."""
+def last_lines_offset(f: BinaryIO, count: int) -> int:
+    """The offset where the last `count` lines of the file begin."""
+    return _lines_back(f, count, f.seek(0, os.SEEK_END))
 
-    def __init__(self, path: Path, start_lines: int) -> None:
+
+def _complete_end(f: BinaryIO) -> int:
+    """The end of the file's last complete line: a line being written is left to the follower."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return 0
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return end
+    return last_lines_offset(f, 1)
+
+
+def _read_range(f: BinaryIO, size: int) -> Iterator[bytes]:
+    while size > 0:
+        chunk = f.read(min(65536, size))
+        if not chunk:
+            return
+        size -= len(chunk)
+        yield chunk
+
+
+def _rendered(lines: Iterable[str], view: LogView) -> list[str]:
+    return [shown for raw in lines if (shown := view.render(raw)) is not None]
+
+
+class Follower:
+    """Reads a file from `offset` to its end, then keeps reading what is appended, like
+    `tail -F`: a file replaced by rotation is reopened (after what the old one still held is
+    read), and a file truncated in place is read again from its start. As with tail, truncation
+    is seen as the file being shorter than what was read: lines written into it faster than that
+    are missed."""
+
+    def __init__(self, file: BinaryIO, path: Path, offset: int) -> None:
         self.path = path
-        self.file = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed in close()
-        self.file.seek(last_lines_offset(self.file, start_lines))
+        self.file = file
+        self.file.seek(offset)
         self.inode = os.fstat(self.file.fileno()).st_ino
 
     def chunks(self, stop: Callable[[], bool]) -> Iterator[bytes]:
@@ -186,7 +228,7 @@ class Follower:
             return False  # mid-rotation: the new file is not there yet
         if st.st_ino != self.inode:
             self.file.close()
-            self.file = open(self.path, "rb")  # noqa: SIM115
+            self.file = open(self.path, "rb")  # noqa: SIM115 - kept open across calls
             self.inode = os.fstat(self.file.fileno()).st_ino
             return True
         if st.st_size < self.file.tell():
@@ -209,40 +251,77 @@ def _read_pipe(f: io.BufferedReader) -> Iterator[bytes]:
         yield chunk
 
 
+FOLLOW_LAST = 10  # --follow starts with this many lines unless -n says otherwise
+
+
 def show_logs(
     path: str | None,
     view: LogView,
     *,
     follow: bool = False,
-    start_lines: int = 10,
+    last: int | None = None,
     out: TextIO | None = None,
     stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Print the rendered lines of `path` (None or "-": stdin); with follow, keep going."""
+    """Print the rendered lines of `path` (None or "-": stdin), or only the `last` N of them
+    that the view shows; with follow, keep going (starting with the last 10 unless `last`)."""
     out = out or sys.stdout
     if path in (None, "-"):
-        if path is None and sys.stdin.isatty():
-            raise ConfigError(
-                "no FILE given and stdin is a terminal: name a log file, or pipe logs in "
-                "(journalctl -u streamd -o cat | streamd logs)"
-            )
-        stdin = sys.stdin.buffer
-        chunks = _read_pipe(stdin) if isinstance(stdin, io.BufferedReader) else _read_all(stdin)
-        _emit(_lines(chunks), view, out, live=True)  # a pipe may be live
+        _show_stdin(path, view, follow=follow, last=last, out=out)
         return
     file_path = Path(path)
     try:
-        if not follow:
-            with open(file_path, "rb") as f:
-                _emit(_lines(_read_all(f)), view, out, live=False)
-            return
-        follower = Follower(file_path, start_lines)
+        f = open(file_path, "rb")  # noqa: SIM115 - closed below, or by the Follower
     except OSError as exc:
         raise LogFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not follow:
+        with f:
+            if last is None:
+                _emit(_lines(_read_all(f)), view, out, live=False)
+            else:
+                _, shown = tail_offset(f, view, last, f.seek(0, os.SEEK_END))
+                _write(shown, out)
+        return
+    end = _complete_end(f)
+    _, shown = tail_offset(f, view, FOLLOW_LAST if last is None else last, end)
+    _write(shown, out)
+    follower = Follower(f, file_path, end)
     try:
         _emit(_lines(follower.chunks(stop)), view, out, live=True)
     finally:
         follower.close()
+
+
+def _show_stdin(
+    path: str | None, view: LogView, *, follow: bool, last: int | None, out: TextIO
+) -> None:
+    if path is None and sys.stdin.isatty():
+        raise ConfigError(
+            "no FILE given and stdin is a terminal: name a log file, or pipe logs in "
+            "(journalctl -u streamd -o cat | streamd logs)"
+        )
+    if follow and last is not None:
+        raise ConfigError(
+            "-n with --follow needs a FILE: a pipe has no end to count back from "
+            "(a pipe is followed anyway; journalctl -n N -f counts for you)"
+        )
+    stdin = sys.stdin.buffer
+    chunks = _read_pipe(stdin) if isinstance(stdin, io.BufferedReader) else _read_all(stdin)
+    if last is None:
+        _emit(_lines(chunks), view, out, live=True)  # a pipe may be live
+        return
+    kept: deque[str] = deque(maxlen=last)
+    for raw in _lines(chunks):
+        shown = view.render(raw)
+        if shown is not None and last:
+            kept.append(shown)
+    _write(list(kept), out)
+
+
+def _write(shown: list[str], out: TextIO) -> None:
+    for text in shown:
+        out.write(text + "\n")
+    out.flush()
 
 
 def _emit(lines: Iterable[str], view: LogView, out: TextIO, *, live: bool) -> None:

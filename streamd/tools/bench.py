@@ -84,6 +84,8 @@ class BenchResult:
     verified: Verified
     peak_lag: int | None
     drain_s: float | None = None
+    stream: str = ""
+    table: str = ""
 
     @property
     def lost(self) -> int:
@@ -127,6 +129,8 @@ class BenchResult:
             "drain_s": _round(self.drain_s, 3),
             "peak_lag": self.peak_lag,
             "serve_procs": self.plan.serve_procs,
+            "stream": self.stream,
+            "table": self.table,
         }
 
 
@@ -298,7 +302,16 @@ class Bench:
         await self._wait_persisted(rows, produced)
         drain_s = time.monotonic() - drain_started if self.plan.drain is not None else None
         verified = await rows.verify(produced.first_id, produced.last_id)
-        return BenchResult(self.plan, self.run_id, produced, verified, lag.peak, drain_s)
+        return BenchResult(
+            self.plan,
+            self.run_id,
+            produced,
+            verified,
+            lag.peak,
+            drain_s,
+            stream=self.settings.stream,
+            table=self.settings.events_table,
+        )
 
     async def _produce(self) -> ProduceResult:
         plan = self.plan
@@ -386,7 +399,7 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} ms"
 
 
-def header(plan: BenchPlan) -> str:
+def header(plan: BenchPlan, settings: Settings) -> str:
     if plan.drain is not None:
         lines = [RULE, "STREAMING BENCHMARK (drain)", RULE, f"Pre-fill: {plan.drain} events"]
     else:
@@ -398,6 +411,11 @@ def header(plan: BenchPlan) -> str:
             f"Duration: {plan.duration_s:g} seconds",
             f"Expected Total: {plan.expected} events",
         ]
+    # Said up front: without --serve, the events are real entries of the running serve's stream.
+    whose = "its own serve's" if plan.serve_procs is not None else "the running serve's"
+    lines.append(f"Writes to: stream {settings.stream}, table {settings.events_table} ({whose})")
+    if plan.serve_procs is None:
+        lines.append("  (--serve runs a serve of its own, on a stream and table of its own)")
     return "\n".join([*lines, RULE])
 
 
@@ -407,7 +425,7 @@ async def run_bench(
     """Run, print the report (or one JSON object); exit code 1 unless exactly once held."""
     out = out or sys.stdout
     progress = sys.stderr if as_json else out
-    print(header(plan), file=progress, flush=True)
+    print(header(plan, settings), file=progress, flush=True)
     try:
         result = await Bench(settings, plan, out, progress).run()
     except REDIS_FAULTS as exc:

@@ -16,7 +16,7 @@ from streamd.config.settings import Settings
 from streamd.observability.status_file import read_status_files
 from streamd.tools.bench import RunRows
 from streamd.tools.samples import SampleEvents
-from tests.support.helpers import ServeProcess, count_rows, pg_execute, wait_until
+from tests.support.helpers import ServeProcess, count_rows, pg_execute, wait_until, xlen
 from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(180)
@@ -58,6 +58,7 @@ def test_bench_text_has_the_seed_report(
         "Target Rate: 500 events/sec",
         "Duration: 2 seconds",
         "Expected Total: 1000 events",
+        "Writes to: stream events, table events (the running serve's)",
         "Produced 1000 events...",
         "Completed: 1000 total events produced",
         "BENCHMARK RESULTS",
@@ -92,6 +93,25 @@ def test_bench_drain_with_its_own_serve(env: dict[str, str], settings: Settings)
     assert "Starting streamd serve --procs 2" in result.stderr
     # Its serve is gone again: no supervisor left behind.
     wait_until(lambda: read_status_files(settings.resolved_state_dir()) == [], timeout=30)
+    # A stream and table of its own, said up front: production's are untouched.
+    assert (report["stream"], report["table"]) == ("bench_events", "bench_events")
+    assert "Writes to: stream bench_events, table bench_events (its own serve's)" in result.stderr
+    assert count_rows(settings.postgres_dsn, "bench_events") == 5000
+    assert count_rows(settings.postgres_dsn, "events", missing_ok=True) == 0
+    assert xlen(settings.redis_url, "events") == 0
+
+
+def test_bench_table_of_ones_choice_and_only_with_its_own_serve(
+    env: dict[str, str], settings: Settings
+) -> None:
+    result = run_streamd(
+        env, "bench", "--drain", "300", "--serve", "--table", "bench_b", "--json", timeout=150
+    )
+    assert result.returncode == 0, explain(result)
+    assert count_rows(settings.postgres_dsn, "bench_b") == 300
+    alone = run_streamd(env, "bench", "--drain", "300", "--table", "bench_b")
+    assert alone.returncode == 2, explain(alone)
+    assert "--table needs --serve" in alone.stderr
 
 
 def test_bench_without_a_serve_reports_the_loss(env: dict[str, str]) -> None:

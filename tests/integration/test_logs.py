@@ -224,3 +224,44 @@ def test_logs_without_a_file_at_a_terminal_says_what_to_do(env: dict[str, str]) 
         os.close(leader)
     assert result.returncode == 2, explain(result)
     assert "pipe logs in" in result.stderr
+
+
+# --- -n without --follow, and a reader that leaves -------------------------------------------
+
+
+def test_lines_counts_what_is_shown_without_follow(env: dict[str, str], tmp_path: Path) -> None:
+    log = tmp_path / "streamd.log"
+    records = [line(f"ev_{i}", "warning" if i % 100 == 0 else "info") for i in range(5000)]
+    log.write_text("\n".join(records) + "\n")
+    last = run_streamd(env, "logs", str(log), "-n", "3")
+    assert last.returncode == 0, explain(last)
+    assert [x.split()[3] for x in last.stdout.splitlines()] == ["ev_4997", "ev_4998", "ev_4999"]
+    # The last 2 warnings, far apart in the file: -n counts lines after the filters.
+    warned = run_streamd(env, "logs", str(log), "-n", "2", "--level", "warning")
+    assert [x.split()[3] for x in warned.stdout.splitlines()] == ["ev_4800", "ev_4900"]
+    piped = run_streamd(env, "logs", "-n", "2", "--grep", "ev_49", input=log.read_text())
+    assert [x.split()[3] for x in piped.stdout.splitlines()] == ["ev_4998", "ev_4999"]
+    everything = run_streamd(env, "logs", str(log))
+    assert len(everything.stdout.splitlines()) == 5000  # without -n: all of it
+    bad = run_streamd(env, "logs", "-n", "2", "--follow", input="x\n")
+    assert bad.returncode == 2 and "-n with --follow needs a FILE" in bad.stderr
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_a_reader_that_leaves_ends_it_quietly(
+    env: dict[str, str], tmp_path: Path, source: str
+) -> None:
+    log = tmp_path / "streamd.log"
+    log.write_text("".join(line(f"ev_{i}") + "\n" for i in range(50_000)))
+    streamd = f"{sys.executable} -m streamd logs"
+    command = f"{streamd} {log} | head -1" if source == "file" else f"{streamd} < {log} | head -1"
+    done = subprocess.run(
+        ["bash", "-c", f"{command}; exit ${{PIPESTATUS[0]}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, ""), explain(done)
+    assert "ev_0" in done.stdout
