@@ -21,7 +21,7 @@ from streamd.backends.connections import (
     transaction,
 )
 from streamd.backends.schema import apply_schema
-from streamd.config.settings import Settings, load_settings
+from streamd.config import Settings, load_settings
 from streamd.dev.pgbouncer import PgBouncerServer
 from streamd.dev.servers import PostgresServer
 from streamd.errors import EXIT_BOOT
