@@ -7,6 +7,8 @@ not to retry behind our back, so a timeout surfaces when it happens.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -99,38 +101,156 @@ def redis_client(
     return client
 
 
-def postgres_kwargs(settings: Settings) -> dict[str, Any]:
-    """Arguments shared by asyncpg.connect and asyncpg.create_pool."""
+class PostgresConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's Connection, knowing how it reaches Postgres.
+
+    `transaction_setup` holds the SET LOCAL statements that give a transaction streamd's
+    timeouts when the session cannot hold them (a pooler between us and Postgres hands each
+    transaction to whichever server connection is free); it is empty when the session has them.
+    """
+
+    transaction_setup = ""
+
+
+def behind_pooler(conn: asyncpg.Connection) -> bool:
+    """Whether conn (or a pool's proxy of it) goes through a connection pooler."""
+    return bool(getattr(conn, "transaction_setup", ""))
+
+
+@contextlib.asynccontextmanager
+async def transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction with streamd's timeouts: the session's own, or SET LOCAL behind a pooler.
+    Nested ones (savepoints) are plain conn.transaction(): the outer one has set them."""
+    async with conn.transaction():
+        setup = getattr(conn, "transaction_setup", "")
+        if setup:
+            await conn.execute(setup)  # simple query protocol: no prepared statement
+        yield
+
+
+@contextlib.asynccontextmanager
+async def statement_scope(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Where one write statement runs with streamd's timeouts: in autocommit when the session
+    has them (one round trip), in a transaction() behind a pooler."""
+    if behind_pooler(conn):
+        async with transaction(conn):
+            yield
+    else:
+        yield
+
+
+def _timeouts(settings: Settings) -> dict[str, str]:
     timeout_ms = int(settings.postgres_timeout_s * 1000)
+    return {
+        "statement_timeout": str(timeout_ms),
+        "idle_in_transaction_session_timeout": str(timeout_ms * 2),
+    }
+
+
+def _set_sql(settings: Settings, scope: str) -> str:
+    return "; ".join(f"SET {scope}{name} = {value}" for name, value in _timeouts(settings).items())
+
+
+def postgres_kwargs(settings: Settings, *, pooled: bool = False) -> dict[str, Any]:
+    """Arguments shared by asyncpg.connect and asyncpg.create_pool.
+
+    pooled: a pooler sits in front of Postgres. It refuses startup parameters other than a few
+    (PgBouncer: `unsupported startup parameter`), and in transaction mode a prepared statement
+    outlives the transaction on a server connection that other clients get next (`prepared
+    statement "__asyncpg_stmt_1__" already exists`). So: no timeouts at startup (transaction()
+    sets them), and no statement cache (asyncpg then prepares only unnamed statements, which
+    live inside one transaction).
+    """
     kwargs: dict[str, Any] = {
         "dsn": settings.postgres_dsn,
         "timeout": settings.postgres_timeout_s,  # connect timeout
         # The client-side limit is a little longer, so the server's statement_timeout (which
         # leaves the connection usable) normally fires first.
         "command_timeout": settings.postgres_timeout_s + 5,
-        "server_settings": {
-            "application_name": "streamd",
-            "statement_timeout": str(timeout_ms),
-            "idle_in_transaction_session_timeout": str(timeout_ms * 2),
-        },
+        "server_settings": {"application_name": "streamd"},
+        "connection_class": PostgresConnection,
     }
+    if pooled:
+        kwargs["statement_cache_size"] = 0
+    else:
+        kwargs["server_settings"].update(_timeouts(settings))
     if settings.postgres_password:
         kwargs["password"] = settings.postgres_password
     return kwargs
 
 
+# postgres_pooler = "auto", as detected by this process: postgres_dsn -> a pooler is in front.
+_detected: dict[str, bool] = {}
+
+
+async def detect_pooler(conn: asyncpg.Connection) -> bool:
+    """True when a pooler stands between conn and Postgres. At connect, the server announces the
+    process id of the session (BackendKeyData, for cancel requests); a pooler announces one of
+    its own, since the client's queries may run on any of its server connections. A plain TCP
+    proxy passes the server's on unchanged."""
+    announced = conn.get_server_pid()
+    actual = await conn.fetchval("SELECT pg_backend_pid()")
+    return bool(announced != actual)
+
+
+def pooler_in_use(settings: Settings) -> str:
+    """For logs: 'pgbouncer' or 'none', and '(detected)' when postgres_pooler is auto."""
+    if settings.postgres_pooler != "auto":
+        return settings.postgres_pooler
+    known = _detected.get(settings.postgres_dsn)
+    if known is None:
+        return "auto (not yet connected)"
+    return ("pgbouncer" if known else "none") + " (detected)"
+
+
 async def postgres_connect(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(**postgres_kwargs(settings))
+    mode = settings.postgres_pooler
+    pooled = _detected.get(settings.postgres_dsn) if mode == "auto" else mode == "pgbouncer"
+    if pooled is not None:
+        conn = await asyncpg.connect(**postgres_kwargs(settings, pooled=pooled))
+    else:
+        # Not known yet: connect as to a pooler (works for both), then look.
+        conn = await asyncpg.connect(**postgres_kwargs(settings, pooled=True))
+        try:
+            pooled = _detected[settings.postgres_dsn] = await detect_pooler(conn)
+            if not pooled:
+                await conn.execute(_set_sql(settings, ""))  # the session keeps them
+        except BaseException:
+            conn.terminate()
+            raise
+    if pooled:
+        conn.transaction_setup = _set_sql(settings, "LOCAL ")
+    return conn
+
+
+async def resolve_pooler(settings: Settings) -> bool:
+    """Whether Postgres is behind a pooler: as configured, or detected (once per process)."""
+    if settings.postgres_pooler != "auto":
+        return settings.postgres_pooler == "pgbouncer"
+    if settings.postgres_dsn not in _detected:
+        conn = await postgres_connect(settings)
+        await conn.close(timeout=5)
+    return _detected[settings.postgres_dsn]
 
 
 async def postgres_pool(settings: Settings, size: int) -> asyncpg.Pool:
+    pooled = await resolve_pooler(settings)
+    setup = _set_sql(settings, "LOCAL ") if pooled else ""
+
+    async def mark(conn: PostgresConnection) -> None:
+        conn.transaction_setup = setup
+
     # min_size=0: no background reconnect loop of the pool's own during an outage; streamd's
     # retries (with backoff and one log line each) decide when to try again.
     # reset: asyncpg's default runs a query (RESET ALL, UNLISTEN, ...) on every release, a round
     # trip per batch; streamd changes no session state, and an open transaction is still
     # rolled back by the pool before any reset hook runs.
     return await asyncpg.create_pool(
-        min_size=0, max_size=size, reset=_keep_session, **postgres_kwargs(settings)
+        min_size=0,
+        max_size=size,
+        reset=_keep_session,
+        init=mark,
+        **postgres_kwargs(settings, pooled=pooled),
     )
 
 

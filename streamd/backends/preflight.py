@@ -8,6 +8,7 @@ database, TLS verification or privileges (which faults are which: backends/fault
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -37,8 +38,23 @@ STARTUP_RETRY_INITIAL_S = 0.2
 STARTUP_RETRY_MAX_S = 5.0
 
 
+# PgBouncer's refusal of a startup parameter it does not know (ignore_startup_parameters unset).
+_REFUSED_PARAMETER = re.compile(r"unsupported startup parameter: (\S+)")
+
+
 def postgres_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:
-    return _start_error(f"Postgres at {describe_postgres(settings)}", exc, doing)
+    target = f"Postgres at {describe_postgres(settings)}"
+    refused = (
+        _REFUSED_PARAMETER.search(str(exc)) if isinstance(exc, asyncpg.PostgresError) else None
+    )
+    if refused:
+        # Protocol class 08, which looks like an outage; a restart cannot fix it.
+        return BootError(
+            f"{target}: cannot {doing}: the server refuses the startup parameter "
+            f"{refused.group(1)}, as a connection pooler does: set postgres_pooler = "
+            '"pgbouncer" (or "auto"), and streamd sets its timeouts per transaction instead'
+        )
+    return _start_error(target, exc, doing)
 
 
 def redis_error(settings: Settings, exc: BaseException, doing: str = "connect") -> StreamdError:

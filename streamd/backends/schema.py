@@ -7,6 +7,7 @@ from pathlib import Path
 
 import asyncpg
 
+from streamd.backends.connections import transaction
 from streamd.config.settings import Settings
 
 
@@ -22,8 +23,12 @@ async def apply_schema(conn: asyncpg.Connection, settings: Settings) -> None:
     """Create or upgrade the tables; idempotent and safe to run from several processes at once.
 
     The names travel as values (set_config) and init.sql quotes them with format('%I').
+    Everything is scoped to the one transaction, so it is safe behind a pooler in transaction
+    mode: the names are set with set_config(..., is_local => true), and the lock that serializes
+    concurrent starts is pg_advisory_xact_lock, released at COMMIT (a session-level advisory lock
+    would stay held on whichever server connection the pooler gave us).
     """
-    async with conn.transaction():
+    async with transaction(conn):
         await conn.execute(
             "SELECT set_config('streamd.events_table', $1, true),"
             " set_config('streamd.dlq_table', $2, true)",

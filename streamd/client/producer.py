@@ -252,9 +252,9 @@ class Producer:
             if isinstance(reply, Exception):
                 message = f"Redis refused a batch: {reply}"
                 if ids:
-                    message += f" ({len(ids)} events of the batch were written before)"
+                    message += f" ({len(ids)} events of this call were written before)"
                     raise PartialBatch(message, ids)
-                raise ProducerError(message + " (nothing was written)")
+                raise ProducerError(message + " (nothing of this call was written)")
             ids.extend(entry_id.decode() for entry_id in reply)
         return ids
 

@@ -57,6 +57,12 @@ class Settings:
     postgres_timeout_s: float = _opt(
         30.0, "Timeout of one Postgres statement, enforced by server and client.", min=0.1
     )
+    postgres_pooler: Literal["auto", "none", "pgbouncer"] = _opt(
+        "auto",
+        "A connection pooler in front of Postgres: 'pgbouncer' (or a pooler like it: no "
+        "prepared statements kept, timeouts per transaction), 'none', or 'auto' (detected at "
+        "connect: a pooler announces a session that is not the server's).",
+    )
     startup_wait_s: float = _opt(
         0.0, "At start, keep retrying unreachable Redis/Postgres this long before giving up.", min=0
     )

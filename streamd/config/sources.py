@@ -10,12 +10,17 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from streamd.config.names import (
+    dead_stream_name_problem,
+    group_name_problem,
+    stream_name_problem,
+)
 from streamd.config.settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATHS,
@@ -26,7 +31,7 @@ from streamd.config.settings import (
     Settings,
     mask_url,
 )
-from streamd.config.tables import TABLE_NAME, parse_streams, parse_tables
+from streamd.config.tables import TABLE_NAME, is_pattern, parse_streams, parse_tables
 from streamd.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +318,7 @@ def _check_whole(s: Settings, sources: Mapping[str, str]) -> None:
     _check_url(s.postgres_dsn, ("postgres", "postgresql"), where("postgres_dsn"))
     if s.retry_max_s < s.retry_initial_s:
         raise ConfigError(f"{where('retry_max_s')}: must be >= retry_initial_s")
+    _check_names(s, where)
     if s.dead_stream == s.stream:
         raise ConfigError(f"{where('dlq_stream')}: must differ from stream")
     tls = urlsplit(s.redis_url).scheme == "rediss"
@@ -328,6 +334,20 @@ def _check_whole(s: Settings, sources: Mapping[str, str]) -> None:
         socket.getaddrinfo(s.metrics_host, None)
     except OSError:
         raise ConfigError(f"{where('metrics_host')}: cannot resolve {s.metrics_host!r}") from None
+
+
+def _check_names(s: Settings, where: Callable[[str], str]) -> None:
+    """Names Redis would take that make no sense for streamd (config/names.py)."""
+    checks = [
+        ("stream", s.stream, stream_name_problem),
+        ("group", s.group, group_name_problem),
+        ("dlq_stream", s.dlq_stream, dead_stream_name_problem),
+    ]
+    checks += [("streams", name, stream_name_problem) for name in s.streams if not is_pattern(name)]
+    for key, value, problem_of in checks:
+        problem = problem_of(value)
+        if problem is not None:
+            raise ConfigError(f"{where(key)}: {problem}")
 
 
 def _check_url(url: str, schemes: tuple[str, ...], where: str) -> None:

@@ -18,10 +18,12 @@ from streamd.dev.common import PG_USER_NAME, DevServerError
 # PostgreSQL specifics
 
 
-def postgres_ping(port: int, host: str = "127.0.0.1", timeout_s: float = 2.0) -> bool:
+def postgres_ping(
+    port: int, host: str = "127.0.0.1", timeout_s: float = 2.0, database: str = "postgres"
+) -> bool:
     """True once the server accepts a session (as pg_isready does): a startup packet answered by
     authentication and ReadyForQuery, not by 'the database system is starting up'."""
-    body = b"user\0postgres\0database\0postgres\0\0"
+    body = b"user\0postgres\0database\0" + database.encode() + b"\0\0"
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)

@@ -5,10 +5,12 @@ Fast path: one binary COPY straight into the events table, in autocommit (a sing
 Otherwise everything happens in one transaction. If the batch was already (partly)
 committed before (a replay after a crash, or an entry reclaimed from a slow consumer), the primary
 key refuses it and the batch is written again through a staging table with
-`INSERT ... ON CONFLICT DO NOTHING`, which inserts only what is new. If Postgres refuses a row for
-its data (bad JSON, bad encoding, too deep), the error names the COPY line, so the refused row is
-split off and the rest is written again inside a savepoint: one bad row costs one extra COPY, not
-a batch in the DLQ. Without a line number the batch is bisected.
+`INSERT ... ON CONFLICT DO NOTHING`, which inserts only what is new. The staging table is a
+temporary table that lives only as long as that transaction (ON COMMIT DROP), so it is safe behind
+a pooler in transaction mode, where the next transaction may run on another server session.
+If Postgres refuses a row for its data (bad JSON, bad encoding, too deep), the error names the
+COPY line, so the refused row is split off and the rest is written again inside a savepoint: one
+bad row costs one extra COPY, not a batch in the DLQ. Without a line number the batch is bisected.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from streamd.backends.connections import statement_scope, transaction
 from streamd.backends.sql import quote_ident
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import ENTRY_ID, FIELDS, Rejection, Row
@@ -102,7 +105,7 @@ class PostgresSink:
         self._dlq_insert = dlq.insert_sql(quote_ident(dlq_table))
         self._stage_create = (
             f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
-            f"(LIKE {self._events} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            f"(LIKE {self._events} INCLUDING DEFAULTS) ON COMMIT DROP"
         )
         cols = ", ".join(_COLUMNS)
         self._stage_insert = (
@@ -122,7 +125,8 @@ class PostgresSink:
             # The common case: one COPY in autocommit, one round trip, atomic on its own. If
             # Postgres refuses it for any row's sake, nothing was written: take the careful path.
             try:
-                await self._copy(conn, rows)
+                async with statement_scope(conn):
+                    await self._copy(conn, rows)
                 return WriteResult(inserted=len(rows))
             except ROW_ERRORS:
                 pass
@@ -143,7 +147,7 @@ class PostgresSink:
         method: _Method,
         result: WriteResult,
     ) -> None:
-        async with conn.transaction():
+        async with transaction(conn):
             if rows:
                 await self._insert_isolating(conn, rows, method, result)
             dead = rejects + result.refused

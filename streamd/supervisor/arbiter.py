@@ -43,7 +43,12 @@ from streamd.errors import (
     StreamdError,
 )
 from streamd.observability.log import get_logger
-from streamd.observability.status_file import remove_status, status_path, write_status
+from streamd.observability.status_file import (
+    remove_stale,
+    remove_status,
+    status_path,
+    write_status,
+)
 from streamd.supervisor.child import METRICS, WORKER, metrics_available
 from streamd.supervisor.children import Child, ChildTable, Slot
 from streamd.supervisor.restarts import RestartPolicy
@@ -162,6 +167,7 @@ class Supervisor:
         # prometheus_client's multiprocess mode: every child writes its samples here.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         self.status_file = status_path(state_dir, self.pid)
+        stale = remove_stale(state_dir, self.pid)
         read_end, write_end = os.pipe()
         for fd in (read_end, write_end):
             os.set_blocking(fd, False)
@@ -176,6 +182,8 @@ class Supervisor:
             tasks=self.settings.tasks,
             state_dir=str(state_dir),
         )
+        if stale:
+            self.log.info("stale_state_removed", state_dir=str(state_dir), removed=stale)
 
     def _teardown(self) -> None:
         signal.set_wakeup_fd(-1)

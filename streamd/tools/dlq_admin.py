@@ -331,14 +331,29 @@ def render_list(letters: Iterable[DeadLetter], total: int, stream_length: int, s
     letters = list(letters)
     if not letters:
         return "\n".join(lines)
-    header = f"{'ID':>6}  {'FAILED AT (UTC)':<19}  {'ENTRY ID':<16}  {'TYPE':<18}  {'REASON':<16}"
-    lines.append(header + f"  {'DELIV':>5}  ERROR")
-    for d in letters:
-        when = d.failed_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(
-            f"{d.id:>6}  {when:<19}  {d.entry_id:<16}  {_short(d.event_type or '-', 18):<18}  "
-            f"{_short(d.reason, 16):<16}  {d.deliveries:>5}  {_short(d.error, 60)}"
+    # Columns as wide as their widest value: entry IDs run to 41 characters (a 20-digit
+    # millisecond part and a 20-digit sequence), table ids to 19 digits.
+    rows = [
+        (
+            str(d.id),
+            d.failed_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            d.entry_id,
+            _short(d.event_type or "-", 18),
+            _short(d.reason, 16),
+            str(d.deliveries),
+            _short(d.error, 60),
         )
+        for d in letters
+    ]
+    head = ("ID", "FAILED AT (UTC)", "ENTRY ID", "TYPE", "REASON", "DELIV", "ERROR")
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    right = (0, 5)  # numbers
+    for row in [head, *rows]:
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
     if total > len(letters):
         lines.append(f"(newest {len(letters)} of {total}; --limit N shows more)")
     return "\n".join(lines)

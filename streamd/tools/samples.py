@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import redis_error
-from streamd.client.producer import Producer
+from streamd.client.producer import PartialBatch, Producer, ProducerError
 from streamd.config.settings import Settings
 from streamd.errors import ConfigError
 
@@ -182,7 +182,18 @@ async def produce_paced(
             count = min(batch_size, total - sent)
         else:
             count = await _wait_until_due(started, sent, rate, batch_size, total)
-        ids = await producer.produce_batch(make_batch(count, sent))
+        try:
+            ids = await producer.produce_batch(make_batch(count, sent))
+        except PartialBatch as exc:  # some chunks of this call were written, then a refusal
+            raise ProducerError(_stopped(sent + len(exc.written_ids), total, exc)) from None
+        except ProducerError as exc:  # Redis refused the call (maxmemory, ...): earlier ones stand
+            raise ProducerError(_stopped(sent, total, exc)) from None
+        except REDIS_FAULTS as exc:
+            # The connection failed mid-call: this call's events may or may not be there.
+            error = redis_error(producer.settings, exc, "produce")
+            raise type(error)(
+                f"{sent} of {total} events written (and maybe the {count} in flight), then: {error}"
+            ) from None
         sent += len(ids)
         first_id = first_id or ids[0]
         last_id = ids[-1]
@@ -190,6 +201,10 @@ async def produce_paced(
             on_progress(next_report)
             next_report += progress_every
     return ProduceResult(sent, time.perf_counter() - started, first_id, last_id)
+
+
+def _stopped(written: int, total: int, exc: Exception) -> str:
+    return f"{written} of {total} events written, then: {exc}"
 
 
 async def _wait_until_due(

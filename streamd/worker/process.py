@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import uvloop
 
-from streamd.backends.connections import postgres_pool, redis_client
+from streamd.backends.connections import pooler_in_use, postgres_pool, redis_client
 from streamd.backends.preflight import preflight
 from streamd.config.settings import Settings
 from streamd.observability.log import bind_context, get_logger
@@ -125,6 +125,7 @@ class Worker:
                 stream=s.stream,
                 group=s.group,
                 consumer_prefix=prefix,
+                postgres_pooler=pooler_in_use(s),
             )
             _tune_gc()
             if self.hooks.on_ready is not None:

@@ -208,10 +208,17 @@ class Reaper:
                 )
             else:
                 live.append(entry)
-        await self.writer.flush(self.stream, live, self.log, extra_dead=poison)
+        report = await self.writer.flush(self.stream, live, self.log, extra_dead=poison)
         self.reclaimed += len(live)
         self.poisoned += len(poison)
-        self.log.info("entries_reclaimed", count=len(live), poison=len(poison))
+        # duplicates: already in Postgres (committed by a consumer that died before its XACK)
+        self.log.info(
+            "entries_reclaimed",
+            count=len(live),
+            poison=len(poison),
+            rows=report.inserted,
+            duplicates=report.duplicates,
+        )
         return len(entries)
 
     async def _delivery_counts(self, entries: list[RawEntry]) -> dict[bytes, int]:

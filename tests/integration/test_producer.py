@@ -16,8 +16,16 @@ import redis.asyncio as aioredis
 from streamd import BacklogFull, InvalidEvent, Producer, SyncProducer
 from streamd.backends.redis_groups import ensure_group
 from streamd.config.settings import Settings
+from streamd.dev.servers import RedisServer
 from streamd.tools.samples import EVENT_TYPES, SampleEvents
-from tests.support.helpers import ServeProcess, async_wait_until, count_rows, pg_fetch, xlen
+from tests.support.helpers import (
+    ServeProcess,
+    async_wait_until,
+    count_rows,
+    pg_fetch,
+    redis_client,
+    xlen,
+)
 from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(90)
@@ -334,4 +342,30 @@ def test_produce_command_stops_at_max_backlog(env: dict[str, str]) -> None:
     assert result.returncode == 1, explain(result)
     assert "max_backlog 100" in result.stderr
     assert "Traceback" not in result.stderr
-    assert 100 <= xlen(env["STREAMD_REDIS_URL"]) < 150  # at most one call past the limit
+    written = xlen(env["STREAMD_REDIS_URL"])
+    assert 100 <= written < 150  # at most one call past the limit
+    assert f"streamd: error: {written} of 1000 events written, then:" in result.stderr
+
+
+def test_produce_command_says_how_many_were_written_when_redis_refuses_a_batch(
+    env: dict[str, str], make_redis: Callable[..., RedisServer]
+) -> None:
+    """maxmemory with noeviction: Redis refuses the batch that finds memory full, after many
+    were written. The one line says how many (they are in the stream), not "nothing"."""
+    redis_server = make_redis()
+    with redis_client(redis_server.url) as r:
+        used = int(r.info("memory")["used_memory"])
+        r.config_set("maxmemory", used + (4 << 20))
+        r.config_set("maxmemory-policy", "noeviction")
+    result = run_streamd(
+        {**env, "STREAMD_REDIS_URL": redis_server.url, "STREAMD_MAX_BACKLOG": "0"},
+        "produce",
+        "100000",
+    )
+    assert result.returncode == 1, explain(result)
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, explain(result)
+    written = xlen(redis_server.url)
+    assert 0 < written < 100_000
+    assert error.startswith(f"streamd: error: {written} of 100000 events written, then:")
+    assert "maxmemory" in error and "nothing of this call was written" in error

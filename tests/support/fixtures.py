@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -22,6 +23,7 @@ import redis
 from streamd.config.settings import Settings
 from streamd.config.sources import field_names, load_settings
 from streamd.dev.pg_setup import initdb
+from streamd.dev.pgbouncer import PgBouncerServer
 from streamd.dev.servers import PostgresServer, RedisServer
 from tests.support.helpers import ServeProcess, pg_execute
 
@@ -193,3 +195,38 @@ def start_serve(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., S
     yield start
     for proc in started:
         proc.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# PgBouncer in front of PostgreSQL (tests of postgres_pooler)
+
+
+@pytest.fixture
+def make_pgbouncer(server_root: Path) -> Iterator[Callable[..., PgBouncerServer]]:
+    """make_pgbouncer(backend, pool_mode="session", start=True, **PgBouncerServer fields) -> a
+    private PgBouncer pooling every database of the PostgresServer `backend`, with the Debian
+    package's default settings unless `config` overrides some; killed after the test."""
+    servers: list[PgBouncerServer] = []
+
+    def make(
+        backend: PostgresServer, pool_mode: str = "session", start: bool = True, **kwargs: Any
+    ) -> PgBouncerServer:
+        server = PgBouncerServer(
+            server_root / f"pgbouncer-{next(_ids)}",
+            backend_port=backend.port,
+            pool_mode=pool_mode,  # type: ignore[arg-type]
+            **kwargs,
+        )
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.kill()
+        shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def through_pgbouncer(env: Mapping[str, str], bouncer: PgBouncerServer) -> dict[str, str]:
+    """`env` with STREAMD_POSTGRES_DSN pointing at the same database through `bouncer`."""
+    database = urlsplit(env["STREAMD_POSTGRES_DSN"]).path.lstrip("/")
+    return {**env, "STREAMD_POSTGRES_DSN": bouncer.dsn(database)}

@@ -16,8 +16,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -151,6 +152,34 @@ def count_rows(dsn: str, table: str = "events", *, missing_ok: bool = False) -> 
 def counts_by_type(dsn: str, table: str = "events") -> dict[str, int]:
     rows = pg_fetch(dsn, f'SELECT event_type, count(*) AS n FROM "{table}" GROUP BY 1')
     return {r["event_type"]: r["n"] for r in rows}
+
+
+@contextlib.contextmanager
+def table_locked(dsn: str, table: str = "events") -> Iterator[None]:
+    """Hold an ACCESS EXCLUSIVE lock on `table` (from another session) inside the block: every
+    consumer's COPY waits, holding its batch (pending, unacknowledged) until the lock goes."""
+    if not table.replace("_", "").isalnum():
+        raise ValueError(f"not a plain table name: {table!r}")
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            async with conn.transaction():
+                await conn.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+                locked.set()
+                await asyncio.to_thread(release.wait, 60)
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(hold()), daemon=True)
+    thread.start()
+    assert locked.wait(10), "could not lock the table"
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join(10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,6 +175,12 @@ BAD_SETTINGS: list[tuple[str, list[str], dict[str, str | None], list[str]]] = [
     ("stream newline", ["--set", "stream=a\nb"], {}, ["'a\\nb'"]),
     ("group glob", [], {"STREAMD_GROUP": "*"}, ["group", "not a valid Redis key"]),
     ("same dlq", [], {"STREAMD_DLQ_STREAM": "events"}, ["must differ from stream"]),
+    ("empty stream", ["--set", "stream="], {}, ["stream (flag --set", "must not be empty"]),
+    ("empty stream env", [], {"STREAMD_STREAM": ""}, ["stream (env", "must not be empty"]),
+    ("stream no letter", [], {"STREAMD_STREAM": "-"}, ["'-'", "a letter or a digit"]),
+    ("dead stream", [], {"STREAMD_STREAM": "events:dead"}, ["stream", "dead-letter streams"]),
+    ("empty group", ["--set", "group="], {}, ["group (flag --set", "must not be empty"]),
+    ("pooler", [], {"STREAMD_POSTGRES_POOLER": "pgcat"}, ["postgres_pooler", "one of auto"]),
     ("retry bounds", [], {"STREAMD_RETRY_MAX_S": "0.001"}, [">= retry_initial_s"]),
     ("metrics host", [], {"STREAMD_METRICS_HOST": ""}, ["metrics_host", "empty"]),
     ("unknown command", ["bogus"], {}, ["No such command 'bogus'"]),
@@ -216,10 +222,16 @@ def _runs(
 def test_every_command_rejects_bad_settings_and_unknown_flags(
     command: list[str], base_env: dict[str, str]
 ) -> None:
-    bad_table, unknown_flag = _runs(
-        base_env, [["--set", "dlq_table=dlq;--", *command], [*command, "--no-such-flag"]]
+    bad_table, empty_stream, unknown_flag = _runs(
+        base_env,
+        [
+            ["--set", "dlq_table=dlq;--", *command],
+            ["--set", "stream=", *command],
+            [*command, "--no-such-flag"],
+        ],
     )
     assert_usage_error(bad_table, "dlq_table (flag --set dlq_table)", "not a valid table name")
+    assert_usage_error(empty_stream, "stream (flag --set stream)", "must not be empty")
     assert_usage_error(unknown_flag, "No such option", "--no-such-flag")
 
 
