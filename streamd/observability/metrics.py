@@ -18,8 +18,9 @@ is linear) and each bucket's count is one bisection.
 from __future__ import annotations
 
 import asyncio
-import bisect
+import importlib.metadata
 import os
+import platform
 import signal
 import socket
 import threading
@@ -40,11 +41,17 @@ from streamd.backends.faults import describe
 from streamd.common.procs import pid_alive
 from streamd.config.settings import Settings
 from streamd.errors import BootError
+from streamd.observability.latency import cumulative_counts
 from streamd.observability.log import get_logger
-from streamd.observability.redis_stats import RedisStats, read_redis_stats
+from streamd.observability.redis_stats import (
+    BacklogAges,
+    RedisStats,
+    read_backlog_ages,
+    read_redis_stats,
+)
 from streamd.observability.status_file import read_status
 from streamd.pipeline.batch import BatchObserver, BatchReport
-from streamd.pipeline.envelope import PG_EPOCH_MS
+from streamd.pipeline.envelope import DEAD_LETTER_REASONS
 
 PROBE_TIMEOUT_S = 2.0  # a probe or scrape must answer quickly even when a service hangs
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -52,7 +59,6 @@ LATENCY_BUCKETS = (
     *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
     *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
-_PG_EPOCH_US = PG_EPOCH_MS * 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +89,9 @@ class BulkHistogram(Histogram):
 class WorkerMetrics:
     """The metrics one worker process writes, and the batch observer that writes them."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, streams: Iterable[str] = ()
+    ) -> None:
         # prometheus_client picks its value store when first imported; the supervisor may have
         # imported it before setting PROMETHEUS_MULTIPROC_DIR, so pick again, after fork.
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
@@ -98,10 +106,14 @@ class WorkerMetrics:
         self.batches = Counter("streamd_batches", "Batches flushed.", registry=registry)
         self.dead = Counter(
             "streamd_dead_letters",
-            "Entries sent to the dead-letter queue, by reason.",
-            ["reason"],
+            "Entries sent to the dead-letter queue, by reason and stream.",
+            ["reason", "stream"],
             registry=registry,
         )
+        # Every reason at 0 from the start: rate() and increase() then see the first one.
+        for stream in streams:
+            for reason in DEAD_LETTER_REASONS:
+                self.dead.labels(reason, stream)
         self.batch_seconds = Histogram(
             "streamd_batch_duration_seconds",
             "One batch from parsing to acknowledgement, including retries.",
@@ -130,22 +142,14 @@ class WorkerMetrics:
             self.duplicates.inc(report.duplicates)
         if report.dead:
             for reason, count in Tally(r.reason for r in report.dead).items():
-                self.dead.labels(reason).inc(count)
+                self.dead.labels(reason, report.stream).inc(count)
         self.batch_seconds.observe(report.total_s)
         self.write_seconds.observe(report.write_s)
         if report.produced_us and report.committed_at:
             self._observe_latency(report.produced_us, report.committed_at)
 
     def _observe_latency(self, produced_us: list[int], committed_at: float) -> None:
-        """Latency <= bound  <=>  produced >= committed - bound: one bisection per bucket on the
-        sorted producer times, and C-level sort and sum; no Python step per event."""
-        committed = committed_at * 1e6 - _PG_EPOCH_US
-        produced = sorted(produced_us)
-        n = len(produced)
-        # A producer clock ahead of ours gives a negative latency: it counts as 0.
-        past = bisect.bisect_right(produced, committed)
-        total_s = (committed * past - sum(produced[:past])) / 1e6
-        at_most = [n - bisect.bisect_left(produced, committed - b * 1e6) for b in self._bounds]
+        at_most, total_s = cumulative_counts(produced_us, committed_at, self._bounds)
         self.latency.observe_cumulative(at_most, total_s)
 
 
@@ -153,31 +157,79 @@ def worker_observer(settings: Settings) -> BatchObserver | None:
     """The observer a worker child passes to WorkerHooks; None when metrics are off."""
     if settings.metrics_port == 0 or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
-    return WorkerMetrics().observe
+    return WorkerMetrics(streams=[settings.stream]).observe
 
 
 # ---------------------------------------------------------------------------------------------
 # metrics child: what is read at scrape time
 
 
-async def _read_redis(settings: Settings) -> RedisStats:
+async def _read_redis(settings: Settings) -> tuple[RedisStats, BacklogAges | None]:
     client = redis_client(settings)
     try:
-        return await read_redis_stats(client, settings, dead_stream_optional=True)
+        stats = await read_redis_stats(client, settings, dead_stream_optional=True)
+        return stats, await read_backlog_ages(client, settings, stats)
     finally:
         await client.aclose()
 
 
+async def _postgres_answers(settings: Settings) -> bool:
+    conn = await postgres_connect(settings)
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close(timeout=PROBE_TIMEOUT_S)
+    return True
+
+
+async def _scrape(
+    settings: Settings,
+) -> tuple[tuple[RedisStats, BacklogAges | None] | BaseException, bool | BaseException]:
+    """Redis' figures and whether Postgres answers, side by side, each within PROBE_TIMEOUT_S."""
+    redis_side, postgres_side = await asyncio.gather(
+        asyncio.wait_for(_read_redis(settings), PROBE_TIMEOUT_S),
+        asyncio.wait_for(_postgres_answers(settings), PROBE_TIMEOUT_S),
+        return_exceptions=True,
+    )
+    return redis_side, postgres_side
+
+
+def build_info() -> tuple[str, str]:
+    """(streamd's version, Python's), for streamd_build_info."""
+    try:
+        version = importlib.metadata.version("streamd")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return version, platform.python_version()
+
+
 class PipelineCollector(Collector):
-    """Gauges read on each scrape: Redis backlog figures and the supervisor's status."""
+    """Gauges read on each scrape: Redis backlog figures, whether Postgres answers, and the
+    supervisor's status."""
 
     def __init__(self, settings: Settings, state_file: Path) -> None:
         self.settings = settings
         self.state_file = state_file
+        self.version, self.python = build_info()
 
     def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "streamd_build_info",
+            "streamd's version and Python's; always 1.",
+            labels=["version", "python"],
+        )
+        info.add_metric([self.version, self.python], 1.0)
+        yield info
         yield from self._status_metrics()
-        yield from self._redis_metrics()
+        redis_side, postgres_side = asyncio.run(_scrape(self.settings))
+        up = GaugeMetricFamily("streamd_postgres_up", "Whether this scrape could run SELECT 1.")
+        up.add_metric([], 1.0 if postgres_side is True else 0.0)
+        yield up
+        if isinstance(redis_side, BaseException):
+            get_logger().warning("metrics_redis_failed", error=describe(redis_side))
+            yield from self._redis_metrics(None)
+        else:
+            yield from self._redis_metrics(redis_side)
 
     def _status_metrics(self) -> Iterator[Metric]:
         status = read_status(self.state_file) or {}
@@ -194,38 +246,61 @@ class PipelineCollector(Collector):
         wanted.add_metric([], float(status.get("procs") or 0))
         yield wanted
 
-    def _redis_metrics(self) -> Iterator[Metric]:
+    def _redis_metrics(
+        self, read: tuple[RedisStats, BacklogAges | None] | None
+    ) -> Iterator[Metric]:
         s = self.settings
-        try:
-            stats = asyncio.run(asyncio.wait_for(_read_redis(s), PROBE_TIMEOUT_S))
-        except Exception as exc:
-            get_logger().warning("metrics_redis_failed", error=describe(exc))
-            stats = None
         up = GaugeMetricFamily("streamd_redis_up", "Whether this scrape could read Redis.")
-        up.add_metric([], 0.0 if stats is None else 1.0)
+        up.add_metric([], 0.0 if read is None else 1.0)
         yield up
-        if stats is None:
+        if read is None:
             return
-        gauges = {
-            "lag": ("streamd_consumer_lag", "Entries not yet delivered to the group (XINFO)."),
-            "pending": ("streamd_pending_entries", "Entries delivered but not yet acknowledged."),
-            "stream_length": ("streamd_stream_length", "Entries in the stream (XLEN)."),
-            "dead_stream_length": ("streamd_dead_stream_length", "Entries in the DLQ stream."),
-        }
-        figures = {
-            "lag": stats.lag,
-            "pending": stats.pending,
-            "stream_length": stats.stream_length,
-            "dead_stream_length": stats.dlq_length,
-        }
-        for key, (name, doc) in gauges.items():
-            value = figures[key]
+        stats, ages = read
+        group = [s.stream, s.group]
+        figures: list[tuple[str, str, list[str], float | None]] = [
+            (
+                "streamd_consumer_lag",
+                "Entries not yet delivered to the group (XINFO).",
+                group,
+                stats.lag,
+            ),
+            (
+                "streamd_pending_entries",
+                "Entries delivered but not yet acknowledged.",
+                group,
+                stats.pending,
+            ),
+            (
+                "streamd_consumer_lag_seconds",
+                "Age of the oldest entry not yet delivered to the group (its entry ID); 0: none.",
+                group,
+                None if ages is None else ages.lag_s,
+            ),
+            (
+                "streamd_pending_age_seconds",
+                "Age of the oldest entry delivered, not acknowledged (its entry ID); 0: none.",
+                group,
+                None if ages is None else ages.pending_age_s,
+            ),
+            (
+                "streamd_stream_length",
+                "Entries in the stream (XLEN).",
+                [s.stream],
+                stats.stream_length,
+            ),
+            (
+                "streamd_dead_stream_length",
+                "Entries in the DLQ stream.",
+                [s.dead_stream],
+                stats.dlq_length,
+            ),
+        ]
+        for name, doc, values_, value in figures:
             if value is None:
                 continue  # unknown (no group yet, or Redis < 7 for lag): absent, not 0
-            labels = ["stream", "group"] if key in ("lag", "pending") else ["stream"]
+            labels = ["stream", "group"] if len(values_) == 2 else ["stream"]
             gauge = GaugeMetricFamily(name, doc, labels=labels)
-            stream = s.dead_stream if key == "dead_stream_length" else s.stream
-            gauge.add_metric([stream, s.group][: len(labels)], float(value))
+            gauge.add_metric(values_, float(value))
             yield gauge
 
 

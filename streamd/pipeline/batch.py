@@ -37,6 +37,8 @@ class BatchReport:
     total_s: float
     produced_us: list[int] = field(repr=False)  # producer times of the committed rows
     committed_at: float = 0.0  # time.time() right after COMMIT
+    stream: str = ""  # the stream the batch came from
+    retries: int = 0  # transient faults the write and the ack waited out
 
 
 BatchObserver = Callable[[BatchReport], None]
@@ -91,15 +93,27 @@ class BatchWriter:
         # Dead letters handed in (the reaper's poison) are held by this consumer too.
         held = (entries, extra_dead or [])
         lease = asyncio.create_task(self._keep_leases(stream, *held), name="lease-renewal")
+        retries = 0
+
+        def count_retry(_exc: BaseException) -> None:
+            nonlocal retries
+            retries += 1
+
         try:
-            result, write_s = await retry_transient(write, backoff=backoff, log=log, what="write")
+            result, write_s = await retry_transient(
+                write, backoff=backoff, log=log, what="write", on_retry=count_retry
+            )
             committed_at = time.time()
             refused = result.refused
             dead = rejects + refused
             committed = _without(rows, refused)
             good_ids = [r[ENTRY_ID] for r in committed]
             await retry_transient(
-                lambda: stream.ack(good_ids, dead), backoff=backoff, log=log, what="ack"
+                lambda: stream.ack(good_ids, dead),
+                backoff=backoff,
+                log=log,
+                what="ack",
+                on_retry=count_retry,
             )
         finally:
             lease.cancel()
@@ -113,6 +127,8 @@ class BatchWriter:
             total_s=time.perf_counter() - started,
             produced_us=[r[PRODUCED_US] for r in committed] if self.observer else [],
             committed_at=committed_at,
+            stream=stream.stream,
+            retries=retries,
         )
         if self.observer is not None:
             self.observer(report)

@@ -33,6 +33,25 @@ PRODUCED_US: Final = 3
 META: Final = 4
 FIELDS: Final = 5
 
+# Every reason a dead letter can have (docs/dead-letters.md explains each; a test keeps this list
+# equal to the ones the code gives). Metrics export each at 0 from the start, so an alert on
+# their increase sees the very first one.
+DEAD_LETTER_REASONS: Final = (
+    "missing_type",
+    "empty_type",
+    "type_too_long",
+    "missing_data",
+    "oversize",
+    "invalid_ts",
+    "duplicate_field",
+    "invalid_json",
+    "invalid_encoding",
+    "too_deeply_nested",
+    "rejected_by_postgres",
+    "poison",
+    "deleted",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Rejection:

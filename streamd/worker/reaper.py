@@ -23,6 +23,7 @@ from streamd.backends.faults import TRANSIENT_ERRORS, describe
 from streamd.backends.redis_groups import command, ensure_group, is_nogroup
 from streamd.backends.scripts import RedisScript
 from streamd.common.aio import wait_event
+from streamd.common.entry_ids import id_key, next_id
 from streamd.common.procs import pid_alive
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
@@ -61,12 +62,6 @@ def dead_local_pid(consumer: str, host: str | None) -> int | None:
     if pid == os.getpid() or pid <= 1:
         return None
     return None if pid_alive(pid) else pid
-
-
-def next_id(entry_id: str) -> str:
-    """The smallest stream ID greater than entry_id."""
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"
 
 
 class Reaper:
@@ -164,7 +159,10 @@ class Reaper:
             adopted = await self._adopt(name) if int(info["pending"]) else 0
             handled += adopted
             if await self._delete_if_idle(name) != -1:
-                self.log.info("dead_consumer_adopted", dead_consumer=name, entries=adopted)
+                # After every restart each dead consumer of the last run goes this way: only
+                # one that held entries is worth a line at info.
+                log = self.log.info if adopted else self.log.debug
+                log("dead_consumer_adopted", dead_consumer=name, entries=adopted)
         return handled
 
     async def _adopt(self, dead: str) -> int:
@@ -288,9 +286,9 @@ class Reaper:
                 summary = await self.client.xpending(self.settings.stream, name)
                 if summary["min"] is None:
                     return None  # acked in between: decide next round, never guess
-                needed.append(_id_key(as_text(summary["min"])))
+                needed.append(id_key(as_text(summary["min"])))
             else:
-                needed.append(_id_key(next_id(as_text(group["last-delivered-id"]))))
+                needed.append(id_key(next_id(as_text(group["last-delivered-id"]))))
         if not needed:
             return None
         ms, seq = min(needed)
@@ -299,8 +297,3 @@ class Reaper:
 
 def _raw_id(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -63,6 +63,7 @@ def report(produced_us: list[int], committed_at: float, dead: list[Rejection]) -
         total_s=0.006,
         produced_us=produced_us,
         committed_at=committed_at,
+        stream="events",
     )
 
 
@@ -94,7 +95,7 @@ def test_latency_histogram_per_batch_equals_one_observation_per_event() -> None:
     assert counters["streamd_events_ingested_total"] == 10
     assert counters["streamd_events_duplicate_total"] == 1
     assert counters["streamd_batches_total"] == 1
-    assert counters['streamd_dead_letters_total{reason="invalid_json"}'] == 1
+    assert counters['streamd_dead_letters_total{reason="invalid_json",stream="events"}'] == 1
     assert counters["streamd_batch_duration_seconds_count"] == 1
 
 
@@ -132,7 +133,8 @@ def test_serve_exposes_metrics_health_and_readiness(
     def dead_counted() -> dict[str, float] | None:
         page = samples(get(port, "/metrics")[1])
         reasons = ("missing_type", "invalid_json")
-        counted = all(page.get(f'streamd_dead_letters_total{{reason="{r}"}}') == 1 for r in reasons)
+        name = "streamd_dead_letters_total"
+        counted = all(page.get(f'{name}{{reason="{r}",stream="events"}}') == 1 for r in reasons)
         return page if counted else None
 
     page = wait_until(dead_counted, timeout=30)
