@@ -170,6 +170,15 @@ class Settings:
     log_format: Literal["auto", "json", "console"] = _opt(
         "auto", "auto: readable on a TTY, JSON lines otherwise."
     )
+    log_interval_s: float = _opt(
+        10.0,
+        "Each worker logs an ingest_progress summary this often (rows, dead letters, lag, "
+        "p99 latency); 0: never.",
+        min=0,
+    )
+    slow_batch_s: float = _opt(
+        5.0, "Log a batch_slow warning for a batch that takes longer, retries included.", min=0.001
+    )
 
     # --- derived values ---
     @property

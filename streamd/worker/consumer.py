@@ -98,7 +98,9 @@ class Consumer:
         return entries
 
     def _log_flush(self, report: BatchReport) -> None:
-        self.log.info(
+        # One line per batch is too many for journald at speed (its default limit is 10,000
+        # lines per 30 s); the worker's ingest_progress line sums them up at info.
+        self.log.debug(
             "batch_flushed",
             rows=report.inserted,
             duplicates=report.duplicates,

@@ -24,7 +24,8 @@ from streamd.backends.connections import pooler_in_use, postgres_pool, redis_cli
 from streamd.backends.preflight import preflight
 from streamd.config.settings import Settings
 from streamd.observability.log import bind_context, get_logger
-from streamd.pipeline.batch import BatchObserver, BatchWriter
+from streamd.observability.progress import ProgressLog
+from streamd.pipeline.batch import BatchObserver, BatchReport, BatchWriter
 from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream
 from streamd.worker.consumer import Consumer
@@ -59,6 +60,7 @@ class Worker:
         self.log = get_logger()
         self.consumers: list[Consumer] = []
         self.reaper: Reaper | None = None
+        self.progress: ProgressLog | None = None
         self._stop = asyncio.Event()
         self._fast = False
         self._interrupts = 0
@@ -106,9 +108,10 @@ class Worker:
         )
         streams: list[GroupStream] = []
         tasks: list[asyncio.Task[None]] = []
+        self.progress = ProgressLog(s, control)
         try:
             sink = PostgresSink(s.stream, s.events_table, s.dlq_table)
-            writer = BatchWriter(s, pool, sink, self.hooks.observer)
+            writer = BatchWriter(s, pool, sink, _both(self.hooks.observer, self.progress.observe))
             prefix = consumer_prefix()
             for i in range(s.tasks):
                 streams.append(self._group_stream(readers, f"{prefix}:{i}"))
@@ -118,6 +121,8 @@ class Worker:
             for i, consumer in enumerate(self.consumers):
                 tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
+            if s.log_interval_s > 0:
+                tasks.append(asyncio.create_task(self.progress.run(), name="progress"))
             tasks.extend(make(self) for make in self.hooks.extra_tasks)
             self.log.info(
                 "worker_started",
@@ -170,6 +175,8 @@ class Worker:
             consumer.stop()
         if self.reaper is not None:
             self.reaper.stop()
+        if self.progress is not None:
+            self.progress.stop()
         if self._fast:
             self.log.info("worker_stopping_fast")
             return
@@ -181,6 +188,8 @@ class Worker:
             _, pending = await asyncio.wait(pending, timeout=0.1)
             if self._fast:
                 break
+        if self.progress is not None and self.settings.log_interval_s > 0:
+            await self.progress.flush()  # what the last interval did, up to the drain
         if pending:
             self.log.warning("worker_drain_incomplete", tasks=len(pending))
         else:
@@ -200,6 +209,18 @@ class Worker:
             if self.hooks.heartbeat is not None:
                 self.hooks.heartbeat()
             await asyncio.sleep(interval)
+
+
+def _both(first: BatchObserver | None, second: BatchObserver) -> BatchObserver:
+    """One observer that calls both (the metrics', when on, and the progress log's)."""
+    if first is None:
+        return second
+
+    def observe(report: BatchReport) -> None:
+        first(report)
+        second(report)
+
+    return observe
 
 
 def _tune_gc() -> None:
