@@ -20,9 +20,10 @@ def dev() -> None:
     """
 
 
+DEFAULT_ROOT = ".streamd/dev"
 _dev_root = click.option(
     "--root",
-    default=".streamd/dev",
+    default=DEFAULT_ROOT,
     show_default=True,
     type=click.Path(file_okay=False),
     help="Where the dev servers keep data, logs and pid files.",
@@ -57,6 +58,7 @@ def dev_up_cmd(root: str, redis_port: int | None, postgres_port: int | None) -> 
       eval "$(streamd dev up)"
       streamd dev up --redis-port 26379 --postgres-port 25432
     """
+    import shlex
     from pathlib import Path
 
     from streamd.dev.commands import command_hint, dev_up, export_lines
@@ -68,7 +70,8 @@ def dev_up_cmd(root: str, redis_port: int | None, postgres_port: int | None) -> 
         if command_hint() == "./run.sh":
             hint = f'eval "$(./run.sh env)"  or  source {env_file}'
         else:
-            hint = f'eval "$({command_hint()} dev up)"  or  source {env_file}'
+            where = "" if root == DEFAULT_ROOT else f" --root {shlex.quote(root)}"
+            hint = f'eval "$({command_hint()} dev up{where})"  or  source {env_file}'
         click.echo(f"# dev servers up; to use them in your shell: {hint}", err=True)
 
     run(body)
