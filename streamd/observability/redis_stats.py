@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from streamd.backends.redis_acl import Need, database_needs
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
 
@@ -57,3 +58,14 @@ async def read_redis_stats(
             read = group.get("entries-read")
             stats.entries_read = None if read is None else int(read)
     return stats
+
+
+def monitor_needs(settings: Settings) -> list[Need]:
+    """What `streamd monitor` (and the monitor API) runs in Redis, for its minimal ACL."""
+    return [
+        *database_needs(settings),
+        Need("client|setname"),
+        Need("xlen", settings.stream),
+        Need("xlen", settings.dead_stream),
+        Need("xinfo|groups", settings.stream),
+    ]
