@@ -97,16 +97,24 @@ have_prometheus_binaries() {
     command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1
 }
 
-# Tests and the dev servers run their own redis-server and postgres, and the tests of the alert
-# rules their own prometheus (and promtool): install what is missing.
+have_pgbouncer() {
+    [[ -n ${STREAMD_PGBOUNCER:-} ]] || command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]]
+}
+
+# Tests and the dev servers run their own redis-server and postgres; the tests of the alert rules
+# their own prometheus (and promtool) with --with-prometheus, and those of postgres_pooler their
+# own pgbouncer with --with-pgbouncer: install what is missing.
 ensure_server_binaries() {
-    local missing=()
+    local missing=() flag
     [[ -n ${STREAMD_REDIS_SERVER:-} ]] || command -v redis-server >/dev/null 2>&1 ||
         missing+=(redis-server)
     have_pg_binaries || missing+=(postgresql)
-    if [[ ${1:-} == --with-prometheus ]] && ! have_prometheus_binaries; then
-        missing+=(prometheus)
-    fi
+    for flag in "$@"; do
+        case $flag in
+        --with-prometheus) have_prometheus_binaries || missing+=(prometheus) ;;
+        --with-pgbouncer) have_pgbouncer || missing+=(pgbouncer) ;;
+        esac
+    done
     [[ ${#missing[@]} -eq 0 ]] && return
     if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
         die "missing: ${missing[*]}; install with: sudo apt-get install ${missing[*]}"
@@ -185,7 +193,7 @@ stop_serve() {
 # --- verbs ------------------------------------------------------------------------------------
 
 cmd_test() {
-    ensure_server_binaries --with-prometheus
+    ensure_server_binaries --with-prometheus --with-pgbouncer
     ensure_project
     local rc=0
     uv run --frozen --no-sync pytest -n auto "$@" || rc=$?

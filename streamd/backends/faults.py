@@ -7,6 +7,8 @@ Two decisions, because a worker in flight and a worker starting can afford diffe
   move, and any Postgres error that is not about the data: a dropped table or a missing privilege
   is retried too, since an operator can fix it while streamd waits, holding the batch
   unacknowledged. Data errors never come here: the sink isolates the rows Postgres refuses.
+  A Redis ACL refusal (NOPERM: a permission revoked while running) is retried too, for the same
+  reason, with an error line that names the command (`permission_denied`), never silently.
   Redis's other refusals (OOM, BUSY, MASTERDOWN) are not retried in place: the worker stops, and
   the start-up checks of its restart decide.
 - `needs_operator(exc)`, at start (backends/preflight.py): is it a mistake no restart can fix
@@ -18,7 +20,9 @@ Two decisions, because a worker in flight and a worker starting can afford diffe
 
 from __future__ import annotations
 
+import re
 import ssl
+from typing import Any
 
 import asyncpg
 import redis.exceptions
@@ -48,6 +52,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,  # a failover demoted the server we talk to
+    redis.exceptions.NoPermissionError,  # an ACL revoked while running (see module doc)
     asyncpg.InterfaceError,  # connection closed or in a bad state
     asyncpg.exceptions._base.InternalClientError,  # protocol state after a cut connection
     asyncpg.PostgresError,  # server-side errors that are not about the rows (see module doc)
@@ -105,3 +110,24 @@ def describe(exc: BaseException) -> str:
     """One line for a log: the exception class and its message, no traceback."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_NOPERM_COMMAND = re.compile(r"permissions to run the '([^']+)' command")
+
+
+def permission_denied(exc: BaseException) -> dict[str, Any] | None:
+    """For a Redis ACL refusal: what was refused, as log fields ({"command": "xinfo|consumers"}
+    or {"key": "..."}); None for any other fault."""
+    if not isinstance(exc, redis.exceptions.NoPermissionError):
+        return None
+    command = getattr(exc, "command", None)  # a ScriptPermissionError knows it
+    if getattr(exc, "key_refused", False) or "permissions to access" in str(exc):
+        return {"key": "one of the keys of the call (the stream, its dead-letter stream)"}
+    command = command or permission_command(exc)
+    return {"command": command or "unknown", "acl": f"+{command}" if command else ""}
+
+
+def permission_command(exc: BaseException) -> str | None:
+    """The command Redis's NOPERM names ('xinfo|consumers'), if it names one."""
+    found = _NOPERM_COMMAND.search(str(exc))
+    return found.group(1) if found else None

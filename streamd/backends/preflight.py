@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from streamd.backends.connections import (
     describe_postgres,
@@ -22,8 +23,15 @@ from streamd.backends.connections import (
     postgres_connect,
     redis_client,
 )
-from streamd.backends.faults import POSTGRES_FAULTS, REDIS_FAULTS, describe, needs_operator
+from streamd.backends.faults import (
+    POSTGRES_FAULTS,
+    REDIS_FAULTS,
+    describe,
+    needs_operator,
+    permission_command,
+)
 from streamd.backends.grants import privilege_problem, schema_exists
+from streamd.backends.redis_acl import Need, Refusal, describe_refusals, grant, refused, username
 from streamd.backends.redis_groups import ensure_group
 from streamd.backends.schema import apply_schema
 from streamd.common.backoff import Backoff
@@ -83,19 +91,47 @@ async def _with_startup_wait(settings: Settings, attempt: Callable[[], Awaitable
             await asyncio.sleep(delay)
 
 
-async def check_redis(settings: Settings, *, create_group: bool = True) -> None:
-    async def attempt() -> None:
+async def check_redis(
+    settings: Settings,
+    *,
+    create_group: bool = True,
+    needs: Sequence[Need] = (),
+    needed_by: str = "serve",
+) -> list[Refusal]:
+    """Reach Redis, check that its ACL allows every one of `needs` (redis_acl.py), create the
+    group. A required need refused is a boot error naming the commands and the ACL SETUSER rule
+    that grants them; the optional ones refused are returned, for a warning."""
+
+    async def attempt() -> list[Refusal]:
         client: aioredis.Redis = redis_client(settings)
         try:
+            missing = await refused(client, needs, username(settings)) if needs else []
+            required = [r for r in missing if not r.need.optional]
+            if required:
+                raise BootError(_acl_message(settings, required, needed_by))
             await client.ping()
             if create_group:
                 await ensure_group(client, settings.stream, settings.group)
+        except redis.exceptions.NoPermissionError as exc:
+            # Refused while connecting (SELECT of the URL's database), or with no needs given.
+            refusal = [Refusal(Need(permission_command(exc) or "unknown"), str(exc))]
+            raise BootError(_acl_message(settings, refusal, needed_by)) from None
         except REDIS_FAULTS as exc:
             raise redis_error(settings, exc) from None
         finally:
             await client.aclose()
+        return [r for r in missing if r.need.optional]
 
-    await _with_startup_wait(settings, attempt)
+    return await _with_startup_wait(settings, attempt)
+
+
+def _acl_message(settings: Settings, required: Sequence[Refusal], needed_by: str) -> str:
+    user = username(settings)
+    return (
+        f"Redis at {describe_redis(settings)}: the ACL of user {user!r} does not let it "
+        f"{describe_refusals(required)}, which {needed_by} needs; allow it with: "
+        f"{grant(user, required)} (the whole minimal ACL: streamd config --redis-acl)"
+    )
 
 
 async def check_postgres(
@@ -145,7 +181,8 @@ async def _apply_schema(
         ) from None
 
 
-async def preflight(settings: Settings) -> None:
-    """Everything `serve` needs before it consumes: both services, the schema, the group."""
+async def preflight(settings: Settings, redis_needs: Sequence[Need] = ()) -> list[Refusal]:
+    """Everything `serve` needs before it consumes: both services, the schema, Redis's ACL, the
+    group. Returns the optional Redis permissions the ACL refuses (for a warning)."""
     await check_postgres(settings, serving=True)
-    await check_redis(settings)
+    return await check_redis(settings, needs=redis_needs)

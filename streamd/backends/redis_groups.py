@@ -1,5 +1,5 @@
 """Redis consumer-group helpers every layer uses: create the group, send a raw command, and tell
-a missing group (NOGROUP) from other refusals."""
+a missing group (NOGROUP), or a stream deleted under a blocked read, from other refusals."""
 
 from __future__ import annotations
 
@@ -31,3 +31,21 @@ async def command(client: aioredis.Redis, *args: Any) -> Any:
 
 def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+def group_gone(exc: BaseException) -> str | None:
+    """What happened, when Redis's reply says the stream or its consumer group is no longer there
+    (an operator's XGROUP DESTROY, DEL or FLUSHALL, a key that expired); None for anything else.
+    A consumer blocked in XREADGROUP is woken with such a reply at once."""
+    if not isinstance(exc, redis.exceptions.ResponseError):
+        return None
+    text = str(exc)
+    if text.startswith("UNBLOCKED") and "no longer exists" in text:
+        return "the stream was deleted (DEL, FLUSHDB, FLUSHALL or an expiry)"
+    if text.startswith("NOGROUP"):
+        if "no longer exists" in text:  # said to a client blocked on the group
+            return "the consumer group was destroyed (XGROUP DESTROY)"
+        return "the stream or its consumer group does not exist (deleted, or destroyed)"
+    if text == "no such key":  # XINFO on a stream that is gone
+        return "the stream does not exist (deleted)"
+    return None

@@ -150,8 +150,16 @@ def db_init(ctx: click.Context) -> None:
     is_flag=True,
     help="Print every key at its built-in value, documented: a starting conf/streamd.toml.",
 )
+@click.option(
+    "--redis-acl",
+    is_flag=True,
+    help="Print the minimal Redis ACL (ACL SETUSER) of serve, produce, monitor and dlq for the "
+    "configured stream, group and dead-letter names.",
+)
 @click.pass_context
-def config_cmd(ctx: click.Context, as_json: bool, sources: bool, defaults: bool) -> None:
+def config_cmd(
+    ctx: click.Context, as_json: bool, sources: bool, defaults: bool, redis_acl: bool
+) -> None:
     """Print the effective config (passwords masked).
 
     Examples:
@@ -160,12 +168,19 @@ def config_cmd(ctx: click.Context, as_json: bool, sources: bool, defaults: bool)
       streamd config
       streamd config --json --no-sources
       streamd config --defaults > conf/streamd.toml
+      streamd config --redis-acl
     """
     from streamd.config.view import render_config, render_defaults
 
     def body() -> None:
         if defaults:
             click.echo(render_defaults())
+            return
+        if redis_acl:
+            from streamd.cli.acl_rules import acl_rules
+
+            for family, rule in acl_rules(ctx.obj.settings()[0]).items():
+                click.echo(f"# {family}\n{rule}")
             return
         settings, where = ctx.obj.settings()
         click.echo(render_config(settings, where, as_json=as_json, with_sources=sources))

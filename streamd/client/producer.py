@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from streamd.backends.connections import redis_client
+from streamd.backends.redis_acl import Need, database_needs, script_needs
 from streamd.backends.scripts import RedisScript
 from streamd.client.backlog import BacklogGate, measure_backlog
 from streamd.client.encoding import Encoder, Event
@@ -68,6 +69,20 @@ end
 return ids
 """,
 )
+
+
+def producer_needs(settings: Settings) -> list[Need]:
+    """What a Producer (and `streamd produce`) runs in Redis, for its minimal ACL: the batch
+    script (or one XADD), and with max_backlog the group's lag (XINFO GROUPS, else XLEN)."""
+    stream = settings.stream
+    needs = [
+        *database_needs(settings),
+        Need("client|setname"),
+        *script_needs(XADD_MANY, [stream]),
+    ]
+    if settings.max_backlog:
+        needs += [Need("xinfo|groups", stream), Need("xlen", stream)]
+    return needs
 
 
 def _now_ms() -> bytes:

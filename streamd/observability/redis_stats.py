@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from streamd.backends.redis_acl import Need, database_needs
 from streamd.common.entry_ids import id_ms, next_id
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
@@ -96,3 +97,12 @@ async def read_backlog_ages(
 def _age_s(now_ms: int, entry_id: bytes | str) -> float:
     # An ID from a producer clock ahead of Redis' (explicit IDs) is 0 s old, not negative.
     return max(0.0, (now_ms - id_ms(as_text(entry_id))) / 1000)
+def monitor_needs(settings: Settings) -> list[Need]:
+    """What `streamd monitor` (and the monitor API) runs in Redis, for its minimal ACL."""
+    return [
+        *database_needs(settings),
+        Need("client|setname"),
+        Need("xlen", settings.stream),
+        Need("xlen", settings.dead_stream),
+        Need("xinfo|groups", settings.stream),
+    ]

@@ -8,14 +8,15 @@ worker's metrics).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
+import redis.exceptions
 
 from streamd.backends.faults import TRANSIENT_ERRORS
+from streamd.backends.redis_groups import group_gone
 from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
@@ -143,8 +144,14 @@ class BatchWriter:
         await asyncio.sleep(interval)  # most flushes end long before: no ID list for them
         ids = [entry[0] for entry in entries] + [r.entry_id for r in extra]
         while ids:
-            with contextlib.suppress(*TRANSIENT_ERRORS):  # the flush's retries report outages
+            try:
                 await stream.renew(ids)
+            except TRANSIENT_ERRORS:
+                pass  # the flush's retries report outages
+            except redis.exceptions.ResponseError as exc:
+                if group_gone(exc) is None:
+                    raise
+                return  # nothing left to hold: the consumer's next read recreates the group
             await asyncio.sleep(interval)
 
 

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from streamd.backends.faults import TRANSIENT_ERRORS, describe
+from streamd.backends.faults import TRANSIENT_ERRORS, describe, permission_denied
 from streamd.common.backoff import Backoff
 
 T = TypeVar("T")
@@ -34,12 +34,7 @@ async def retry_transient(
             result = await operation()
         except TRANSIENT_ERRORS as exc:
             delay = backoff.next_delay()
-            log.warning(
-                f"{what}_retrying",
-                error=describe(exc),
-                attempt=backoff.failures,
-                retry_in_s=round(delay, 3),
-            )
+            log_fault(log, what, exc, attempt=backoff.failures, retry_in_s=round(delay, 3))
             if on_retry is not None:
                 on_retry(exc)
             await asyncio.sleep(delay)
@@ -48,3 +43,14 @@ async def retry_transient(
                 log.info(f"{what}_recovered", attempts=backoff.failures)
                 backoff.reset()
             return result
+
+
+def log_fault(log: Any, what: str, exc: BaseException, **fields: Any) -> None:
+    """One line for a fault about to be retried: `<what>_retrying` (warning), or, for a Redis
+    permission refused by its ACL, `redis_permission_denied` (error) naming the command: that
+    one heals only when an operator grants it."""
+    refused = permission_denied(exc)
+    if refused is not None:
+        log.error("redis_permission_denied", doing=what, error=describe(exc), **refused, **fields)
+    else:
+        log.warning(f"{what}_retrying", error=describe(exc), **fields)

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
+from streamd.backends.redis_groups import ensure_group, group_gone
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import RawEntry, Rejection
 
@@ -36,6 +37,9 @@ class RawConnection:
         self._conn: AbstractConnection | None = None
         self._lock = asyncio.Lock()
         self.client_id: int | None = None
+        # False once the ACL refused CLIENT ID: it only serves CLIENT UNBLOCK, which a drain can
+        # do without (its reads then end after block_ms instead of at once).
+        self.ask_client_id = True
 
     async def call(self, *args: Any) -> Any:
         async with self._lock:
@@ -47,8 +51,11 @@ class RawConnection:
                 if not conn.is_connected:
                     self.client_id = None
                     await conn.connect()
-                if self.client_id is None:
-                    self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
+                if self.client_id is None and self.ask_client_id:
+                    try:
+                        self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
+                    except redis.exceptions.NoPermissionError:
+                        self.ask_client_id = False
                 return await self._exchange(conn, args)
             except redis.exceptions.ResponseError:
                 raise  # an error reply: the connection is in step and stays
@@ -138,6 +145,24 @@ class GroupStream:
             args=dlq.script_args(self.group, self.dead_maxlen, dead),
         )
         return int(written)
+
+    async def recover(self, exc: BaseException, log: Any) -> bool:
+        """When exc says this stream or its group is gone (group_gone): create them again and
+        log what happened; True then. False for any other error. Several consumers see it at
+        once; the one whose XGROUP CREATE made the group says so."""
+        cause = group_gone(exc)
+        if cause is None:
+            return False
+        if await ensure_group(self.client, self.stream, self.group):
+            log.warning(
+                "group_recreated",
+                stream=self.stream,
+                group=self.group,
+                cause=cause,
+                note="entries still in the stream are delivered again; rows Postgres already "
+                "holds are skipped",
+            )
+        return True
 
     async def renew(self, ids: list[bytes]) -> None:
         """Reset the idle time of entries this consumer holds (XCLAIM JUSTID does not count as a

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from streamd.backends.connections import postgres_connect, redis_client
 from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import postgres_error, redis_error
+from streamd.backends.redis_acl import Need, database_needs, script_needs
 from streamd.backends.scripts import RedisScript
 from streamd.backends.sql import quote_ident
 from streamd.common.text import as_text
@@ -62,6 +63,18 @@ return {1, id}
 """,
 )
 MAX_REPLAY_FIELDS = 7000  # Lua's unpack() limit is about 8000 values
+
+
+def dlq_needs(settings: Settings) -> list[Need]:
+    """What `streamd dlq list|replay|purge` runs in Redis, for its minimal ACL."""
+    dead, records = settings.dead_stream, f"{settings.dead_stream}:replayed"
+    return [
+        *database_needs(settings),
+        Need("client|setname"),
+        *(Need(command, dead) for command in ("xlen", "xrange", "xtrim")),
+        Need("hdel", records),
+        *script_needs(REPLAY, [settings.stream, dead, records]),
+    ]
 
 
 class ConfirmationRequired(StreamdError):

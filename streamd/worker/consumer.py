@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from streamd.backends.faults import TRANSIENT_ERRORS, describe
-from streamd.backends.redis_groups import ensure_group, is_nogroup
+from streamd.backends.faults import TRANSIENT_ERRORS
 from streamd.common.aio import wait_event
 from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
 from streamd.pipeline.batch import BatchReport, BatchWriter
 from streamd.pipeline.envelope import RawEntry
+from streamd.pipeline.retry import log_fault
 from streamd.pipeline.streams import GroupStream
 
 
@@ -55,20 +55,30 @@ class Consumer:
         while not self.stopping:
             try:
                 entries = await self._fill_batch()
-            except TRANSIENT_ERRORS as exc:
-                self._check_own_pending = True
-                if is_nogroup(exc):
-                    await ensure_group(self.stream.client, self.stream.stream, self.stream.group)
-                    self.log.warning("group_recreated", stream=self.stream.stream)
-                    continue
-                delay = backoff.next_delay()
-                self.log.warning("read_retrying", error=describe(exc), retry_in_s=round(delay, 3))
-                await wait_event(self._stopping, delay)
+            except Exception as exc:
+                if not await self._read_failed(exc, backoff):
+                    raise
                 continue
             backoff.reset()
             if entries:
                 report = await self.writer.flush(self.stream, entries, self.log)
                 self._log_flush(report)
+
+    async def _read_failed(self, exc: BaseException, backoff: Backoff) -> bool:
+        """After a failed read: True when the consumer may go on (the group is back, or after a
+        backoff for a transient fault), False for an error it cannot handle."""
+        self._check_own_pending = True
+        try:
+            if await self.stream.recover(exc, self.log):  # stream or group deleted under us
+                return True
+        except TRANSIENT_ERRORS as again:  # Redis went away while we recreated them
+            exc = again
+        if not isinstance(exc, TRANSIENT_ERRORS):
+            return False
+        delay = backoff.next_delay()
+        log_fault(self.log, "read", exc, retry_in_s=round(delay, 3))
+        await wait_event(self._stopping, delay)
+        return True
 
     async def _fill_batch(self) -> list[RawEntry]:
         s = self.settings

@@ -18,11 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+import redis.exceptions
 import uvloop
 
 from streamd.backends.connections import pooler_in_use, postgres_pool, redis_client
+from streamd.backends.faults import describe
 from streamd.backends.preflight import preflight
+from streamd.backends.redis_acl import Refusal, grant, username
 from streamd.config.settings import Settings
+from streamd.errors import StreamdError
 from streamd.observability.log import bind_context, get_logger
 from streamd.observability.progress import ProgressLog
 from streamd.pipeline.batch import BatchObserver, BatchReport, BatchWriter
@@ -30,8 +34,10 @@ from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream
 from streamd.worker.consumer import Consumer
 from streamd.worker.reaper import Reaper
+from streamd.worker.redis_needs import serve_needs
 
 HEARTBEAT_INTERVAL_S = 1.0
+CLOSE_TIMEOUT_S = 5.0  # per step of a worker's shutdown (tasks, each client, the pool)
 # Every entry read allocates a few containers (hiredis lists, a row tuple), so CPython's default
 # collector (a collection per 700 allocations) spent ~11% of a worker's CPU under load rescanning
 # batches that are alive anyway. streamd's hot path makes no reference cycles; collect rarely.
@@ -48,6 +54,11 @@ class WorkerHooks:
     extra_tasks: list[Callable[[Worker], asyncio.Task[None]]] = field(default_factory=list)
 
 
+class WorkerTaskFailed(StreamdError):
+    """A consumer, the reaper or another task of the worker died; it was logged with its error.
+    The worker exits with 1 and the supervisor restarts it (a crash, counted for crash loops)."""
+
+
 def consumer_prefix() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -62,6 +73,7 @@ class Worker:
         self.reaper: Reaper | None = None
         self.progress: ProgressLog | None = None
         self._stop = asyncio.Event()
+        self._may_unblock = True  # CLIENT UNBLOCK allowed (False once the ACL refused it)
         self._fast = False
         self._interrupts = 0
 
@@ -93,10 +105,11 @@ class Worker:
         # Heartbeats start before preflight, so a slow start is not mistaken for a hung loop.
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         try:
-            await preflight(s)
+            degraded = await preflight(s, serve_needs(s))
         except BaseException:
             heartbeat.cancel()
             raise
+        self._warn_degraded(degraded)
         pool = await postgres_pool(s, size=s.tasks + 1)
         control = redis_client(s, max_connections=s.tasks + 8)
         # Consumers read over connections of their own made from this client's settings; its
@@ -138,15 +151,47 @@ class Worker:
             await self._until_stopped(tasks)
             await self._drain(tasks, control)
         finally:
-            heartbeat.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for stream in streams:
-                await stream.aclose()
-            await readers.aclose()
-            await control.aclose()
-            await _close_pool(pool)
+            # The heartbeat goes on until everything is closed: a worker on its way out is not
+            # a hung one, and the supervisor must see it exit, not kill it 30 s later.
+            try:
+                await self._close(tasks, streams, [readers, control], pool)
+            finally:
+                heartbeat.cancel()
+
+    async def _close(
+        self,
+        tasks: list[asyncio.Task[None]],
+        streams: list[GroupStream],
+        clients: list[aioredis.Redis],
+        pool: object,
+    ) -> None:
+        """Cancel the tasks and close the connections, each step bounded in time: a task that
+        does not end on cancellation is left behind (the process is about to exit anyway)."""
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            if stuck:
+                names = sorted(t.get_name() for t in stuck)
+                self.log.warning("worker_tasks_not_stopping", tasks=names)
+        for closing in [*(s.aclose() for s in streams), *(c.aclose() for c in clients)]:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT_S)
+        await _close_pool(pool)
+
+    def _warn_degraded(self, degraded: list[Refusal]) -> None:
+        """One warning per effect of the optional permissions Redis's ACL refuses."""
+        user = username(self.settings)
+        effects: dict[str, list[Refusal]] = {}
+        for refusal in degraded:
+            effects.setdefault(refusal.need.effect, []).append(refusal)
+        for effect, refusals in effects.items():
+            self.log.warning(
+                "redis_permission_missing",
+                commands=sorted({r.need.command for r in refusals}),
+                effect=effect,
+                fix=grant(user, refusals),
+            )
 
     def _group_stream(self, client: aioredis.Redis, consumer: str) -> GroupStream:
         s = self.settings
@@ -160,14 +205,22 @@ class Worker:
         )
 
     async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Wait for a stop request; a task that dies on its own takes the worker down with it."""
+        """Wait for a stop request; a task that dies on its own takes the worker down with it,
+        logged first (with its error), so the cause is in the log whatever happens next."""
         stop = asyncio.create_task(self._stop.wait(), name="stop-wait")
         done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        if stop not in done:
-            stop.cancel()
-            for task in done:
-                task.result()  # re-raise the task's error: the supervisor restarts us
-            raise RuntimeError("a worker task ended unexpectedly")
+        if stop in done:
+            return
+        stop.cancel()
+        task = next(iter(done))
+        error = task.exception() if not task.cancelled() else None
+        if error is None:
+            self.log.error("worker_task_failed", task=task.get_name(), error="it ended by itself")
+            raise WorkerTaskFailed(f"worker task {task.get_name()} ended by itself")
+        self.log.error(
+            "worker_task_failed", task=task.get_name(), error=describe(error), exc_info=error
+        )
+        raise WorkerTaskFailed(f"worker task {task.get_name()} failed: {describe(error)}")
 
     async def _drain(self, tasks: list[asyncio.Task[None]], control: aioredis.Redis) -> None:
         started = time.monotonic()
@@ -197,11 +250,24 @@ class Worker:
 
     async def _wake_readers(self, control: aioredis.Redis) -> None:
         """CLIENT UNBLOCK every consumer blocked in XREADGROUP, so it returns at once instead of
-        after block_ms (and nothing it was about to receive is left pending)."""
+        after block_ms (and nothing it was about to receive is left pending). Without the
+        permission (the start-up check warned) the reads end by themselves, block_ms later."""
+        if not self._may_unblock:
+            return
         for consumer in self.consumers:
             if consumer.client_id is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await control.client_unblock(consumer.client_id)
+                except redis.exceptions.NoPermissionError as exc:
+                    self._may_unblock = False
+                    self.log.warning(
+                        "drain_without_unblock",
+                        error=describe(exc),
+                        effect=f"blocked reads end after block_ms ({self.settings.block_ms} ms)",
+                    )
+                    return
+                except Exception:  # the read ends by itself after block_ms
+                    pass
 
     async def _heartbeat(self) -> None:
         interval = min(HEARTBEAT_INTERVAL_S, self.settings.heartbeat_timeout_s / 4)

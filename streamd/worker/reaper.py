@@ -19,8 +19,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from streamd.backends.faults import TRANSIENT_ERRORS, describe
-from streamd.backends.redis_groups import command, ensure_group, is_nogroup
+from streamd.backends.faults import TRANSIENT_ERRORS
+from streamd.backends.redis_groups import command
 from streamd.backends.scripts import RedisScript
 from streamd.common.aio import wait_event
 from streamd.common.entry_ids import id_key, next_id
@@ -30,7 +30,9 @@ from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
 from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.envelope import RawEntry, Rejection
+from streamd.pipeline.retry import log_fault
 from streamd.pipeline.streams import GroupStream
+from streamd.worker.group_watch import GroupWatch
 
 # ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an entry it read
 # a moment ago can never be orphaned. Returns -1 when it kept the consumer.
@@ -81,6 +83,7 @@ class Reaper:
         self.host = parts[0] if len(parts) == 3 else None
         self.reclaimed = 0
         self.poisoned = 0
+        self._watch = GroupWatch()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -89,19 +92,36 @@ class Reaper:
         while not self._stopping.is_set():
             try:
                 await self.run_once()
-            except TRANSIENT_ERRORS as exc:
-                if is_nogroup(exc):
-                    await ensure_group(self.client, self.settings.stream, self.settings.group)
-                else:
-                    self.log.warning("reaper_retrying", error=describe(exc))
+            except Exception as exc:
+                await self._round_failed(exc)
             await wait_event(self._stopping, self.settings.reaper_interval_s)
 
+    async def _round_failed(self, exc: BaseException) -> None:
+        """A round that failed is tried again next interval: the stream or group recreated if
+        they are gone, a transient fault (a permission revoked, too) logged. Others propagate."""
+        try:
+            if await self.stream.recover(exc, self.log):
+                return
+        except TRANSIENT_ERRORS as again:
+            exc = again
+        if not isinstance(exc, TRANSIENT_ERRORS):
+            raise exc
+        log_fault(self.log, "reaper", exc, retry_in_s=self.settings.reaper_interval_s)
+
     async def run_once(self) -> None:
+        await self.watch_group()
         await self.adopt_dead_local_consumers()
         await self.reclaim()
         await self.delete_idle_consumers()
         if self.settings.trim:
             await self.trim()
+
+    async def watch_group(self) -> None:
+        """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
+        the round's error handling, like any NOGROUP."""
+        s = self.settings
+        groups = await self.client.xinfo_groups(s.stream)
+        self._watch.check(s.stream, s.group, groups, self.log)
 
     # --- reclaim ---------------------------------------------------------------------------
 

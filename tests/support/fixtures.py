@@ -230,3 +230,30 @@ def through_pgbouncer(env: Mapping[str, str], bouncer: PgBouncerServer) -> dict[
     """`env` with STREAMD_POSTGRES_DSN pointing at the same database through `bouncer`."""
     database = urlsplit(env["STREAMD_POSTGRES_DSN"]).path.lstrip("/")
     return {**env, "STREAMD_POSTGRES_DSN": bouncer.dsn(database)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis ACL users (tests of the permission checks)
+
+
+@pytest.fixture
+def acl_user(
+    redis_server: RedisServer, env: dict[str, str]
+) -> Iterator[Callable[..., dict[str, str]]]:
+    """acl_user(*rules) -> `env` logged in as a new Redis user made with `ACL SETUSER <name> on
+    >pw <rules...>` on the shared Redis (users are server-wide: each gets a name of its own,
+    deleted after the test). The user's name is in the returned env's STREAMD_REDIS_URL."""
+    made: list[str] = []
+
+    def make(*rules: str) -> dict[str, str]:
+        name = f"acl{next(_ids)}"
+        with redis.Redis(port=redis_server.port) as admin:
+            admin.execute_command("ACL", "SETUSER", name, "reset", "on", ">pw", *rules)
+        made.append(name)
+        url = urlsplit(env["STREAMD_REDIS_URL"])
+        return {**env, "STREAMD_REDIS_URL": url._replace(netloc=f"{name}:pw@{url.netloc}").geturl()}
+
+    yield make
+    with redis.Redis(port=redis_server.port) as admin:
+        for name in made:
+            admin.execute_command("ACL", "DELUSER", name)
