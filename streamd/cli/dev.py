@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
-from streamd.cli.app import cli, run
+from streamd.cli.app import F, cli, run
+from streamd.dev.common import DEV_POSTGRES_PORT, DEV_REDIS_PORT
 
 
 @cli.group()
@@ -30,22 +33,21 @@ _dev_root = click.option(
 )
 
 
+def _port_option(server: str, default: int) -> Callable[[F], F]:
+    """--redis-port / --postgres-port: remembered in the dev root for the next `up`."""
+    return click.option(
+        f"--{server}-port",
+        type=click.IntRange(1, 65535),
+        metavar="N",
+        show_default=f"{default}, or the port of the last up",
+        help=f"Port for the dev {'Redis' if server == 'redis' else 'PostgreSQL'} (remembered).",
+    )
+
+
 @dev.command("up")
 @_dev_root
-@click.option(
-    "--redis-port",
-    type=click.IntRange(1, 65535),
-    metavar="N",
-    show_default="16379, or the port of the last up",
-    help="Port for the dev Redis (remembered).",
-)
-@click.option(
-    "--postgres-port",
-    type=click.IntRange(1, 65535),
-    metavar="N",
-    show_default="15432, or the port of the last up",
-    help="Port for the dev PostgreSQL (remembered).",
-)
+@_port_option("redis", DEV_REDIS_PORT)
+@_port_option("postgres", DEV_POSTGRES_PORT)
 def dev_up_cmd(root: str, redis_port: int | None, postgres_port: int | None) -> None:
     """Start them (if not running) and print the environment that points streamd at them.
 

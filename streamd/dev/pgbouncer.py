@@ -92,22 +92,11 @@ class PgBouncerServer(_Server):
     binary: Path | None = None
 
     name: ClassVar[str] = "pgbouncer"
+    file_stem: ClassVar[str] = "pgbouncer"
     stop_signal: ClassVar[signal.Signals] = signal.SIGINT  # "safe shutdown": waits for clients
 
     def dsn(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "pgbouncer.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.dir / "pgbouncer.pid"
-
-    @property
-    def work_dir(self) -> Path:
-        return self.dir
 
     def _prepare(self) -> None:
         if self.binary is None:

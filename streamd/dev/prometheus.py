@@ -51,6 +51,7 @@ class PrometheusServer(_Server):
     binary: Path | None = None
 
     name: ClassVar[str] = "prometheus"
+    file_stem: ClassVar[str] = "prometheus"  # prometheus.pid: Prometheus writes none, start() does
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
     parent_death_signal: ClassVar[signal.Signals] = signal.SIGKILL
 
@@ -61,18 +62,6 @@ class PrometheusServer(_Server):
     @property
     def config_path(self) -> Path:
         return self.dir / "prometheus.yml"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "prometheus.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.dir / "prometheus.pid"  # Prometheus writes none: start() does
-
-    @property
-    def work_dir(self) -> Path:
-        return self.dir
 
     def _prepare(self) -> None:
         if self.binary is None:

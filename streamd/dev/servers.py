@@ -18,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from streamd.common.procs import pid_alive, process_state
@@ -69,19 +68,21 @@ class _Server:
             self.port = free_port()
             self._auto_port = True
 
-    # --- what a subclass provides ---
+    # --- what a subclass provides (or keeps: its files are <dir>/<file_stem>.log and .pid) ---
+    file_stem: ClassVar[str] = "server"
+
     @property
     def log_path(self) -> Path:
-        raise NotImplementedError
+        return self.dir / f"{self.file_stem}.log"
 
     @property
     def pid_file(self) -> Path:
-        raise NotImplementedError
+        return self.dir / f"{self.file_stem}.pid"
 
     @property
     def work_dir(self) -> Path:
         """The server's working directory: it identifies our process behind a pid file."""
-        raise NotImplementedError
+        return self.dir
 
     def _prepare(self) -> None:
         raise NotImplementedError
@@ -247,12 +248,7 @@ class _Server:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc_info: object) -> None:
         self.stop()
 
 
@@ -265,23 +261,12 @@ class RedisServer(_Server):
     binary: Path | None = None
 
     name: ClassVar[str] = "redis-server"
+    file_stem: ClassVar[str] = "redis"
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM  # shutdown, fsyncing the AOF
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "redis.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.dir / "redis.pid"
-
-    @property
-    def work_dir(self) -> Path:
-        return self.dir
 
     def _prepare(self) -> None:
         if self.binary is None:
@@ -346,6 +331,7 @@ class PostgresServer(_Server):
     bindir: Path | None = None
 
     name: ClassVar[str] = "postgres"
+    file_stem: ClassVar[str] = "postgres"
     stop_signal: ClassVar[signal.Signals] = signal.SIGINT  # "fast": SIGTERM waits for clients
     parent_death_signal: ClassVar[signal.Signals] = signal.SIGQUIT  # immediate, takes children
 
@@ -360,10 +346,6 @@ class PostgresServer(_Server):
     @property
     def socket_dir(self) -> Path:
         return self.dir / "run"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "postgres.log"
 
     @property
     def pid_file(self) -> Path:

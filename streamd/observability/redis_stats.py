@@ -97,6 +97,8 @@ async def read_backlog_ages(
 def _age_s(now_ms: int, entry_id: bytes | str) -> float:
     # An ID from a producer clock ahead of Redis' (explicit IDs) is 0 s old, not negative.
     return max(0.0, (now_ms - id_ms(as_text(entry_id))) / 1000)
+
+
 def monitor_needs(settings: Settings) -> list[Need]:
     """What `streamd monitor` (and the monitor API) runs in Redis, for its minimal ACL."""
     return [
