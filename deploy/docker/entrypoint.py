@@ -31,6 +31,17 @@ FORWARDED = (
 )
 
 
+def command_of(args: list[str]) -> str | None:
+    """The streamd command in args, past the global options (`--config FILE serve`)."""
+    words = iter(args)
+    for word in words:
+        if word in ("--config", "--set"):
+            next(words, None)  # its value
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str]) -> int:
     args = argv or ["serve"]
     try:
@@ -43,7 +54,7 @@ def main(argv: list[str]) -> int:
     code = child.wait()  # a signal handler runs in between; wait() resumes (PEP 475)
     if code < 0:  # killed by a signal: report it the way a shell does
         return 128 - code
-    if args[0] == "serve" and code in PERMANENT:
+    if command_of(args) == "serve" and code in PERMANENT:
         print(
             f"streamd-entrypoint: streamd serve exited {code} ({PERMANENT[code]}); exiting 0 so "
             "that `restart: on-failure` does not restart it: fix the cause, then start it again",

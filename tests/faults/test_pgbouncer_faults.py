@@ -75,7 +75,7 @@ def test_kill_9_between_commit_and_ack_replays_through_the_staging_table(
     finally:
         proxy.close()
     assert pending_count(url) == total  # committed, never acknowledged
-    second = start_serve(environ=environ)
+    second = start_serve(environ=environ | {"STREAMD_LOG_LEVEL": "debug"})  # batch_flushed
     second.wait_ready()
     wait_until(lambda: pending_count(url) == 0, timeout=30, message=second.tail(20))
     flushed = second.events("batch_flushed") + second.events("entries_reclaimed")

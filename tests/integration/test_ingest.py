@@ -144,7 +144,11 @@ def test_every_consumer_dead_lettering_at_once_needs_no_retry(
     assert count_rows(dsn, "dead_letter_queue") == total // 50
     assert serve.terminate() == 0
     warnings = [r for r in serve.logs() if r.get("level") in ("warning", "error")]
-    assert warnings == []
+    # The dead letters' own warnings are expected, and on a busy machine a batch_slow line (but
+    # without a retry); nothing else may warn.
+    expected = ("dead_letter", "dead_letters_suppressed", "batch_slow")
+    assert [r for r in warnings if r["event"] not in expected] == []
+    assert all(r["retries"] == 0 for r in warnings if r["event"] == "batch_slow")
 
 
 def test_a_lone_event_is_flushed_when_the_stream_drains(

@@ -402,6 +402,7 @@ def test_sql_keywords_as_table_names_work_because_they_are_quoted(
     """`select` and `order` pass validation (plain identifiers); every statement quotes them, on
     the COPY path, the replay (staging table) path and the dead-letter path."""
     environ = {**env, "STREAMD_EVENTS_TABLE": "select", "STREAMD_DLQ_TABLE": "order"}
+    environ["STREAMD_LOG_LEVEL"] = "debug"  # batch_flushed, whose duplicates are counted below
     assert run_streamd(environ, "db", "init").returncode == 0
     url, dsn = env["STREAMD_REDIS_URL"], env["STREAMD_POSTGRES_DSN"]
     ids = xadd(url, [event("t", {"i": i}) for i in range(5)] + [{"type": "t", "data": "{"}])
@@ -481,7 +482,10 @@ def test_serve_as_the_least_privilege_role_with_a_replay_and_dead_letters(
         "VALUES ('events', $1, 't', '{\"i\": 0}', now())",
         ids[0],
     )
-    serve = start_serve(environ={**env, "STREAMD_POSTGRES_DSN": ingest})
+    # debug: batch_flushed, whose duplicates are counted below
+    serve = start_serve(
+        environ={**env, "STREAMD_POSTGRES_DSN": ingest, "STREAMD_LOG_LEVEL": "debug"}
+    )
     serve.wait_ready()
     su = least_privilege["superuser"]
     wait_until(lambda: pg_fetchval(su, "SELECT count(*) FROM streamd.events") == 20, timeout=20)

@@ -82,7 +82,9 @@ def test_other_exits_are_kept(fake_path: dict[str, str], code: int) -> None:
 
 def test_only_serve_is_mapped_and_serve_is_the_default(fake_path: dict[str, str]) -> None:
     assert run(fake_path | {"FAKE_EXIT": "2"}, "config").returncode == 2
+    assert run(fake_path | {"FAKE_EXIT": "2"}, "--set", "stream=serve", "config").returncode == 2
     assert run(fake_path | {"FAKE_EXIT": "78"}).returncode == 0  # no args: serve
+    assert run(fake_path | {"FAKE_EXIT": "78"}, "--config", "/c.toml", "serve").returncode == 0
 
 
 def test_death_by_signal_is_reported_like_a_shell(fake_path: dict[str, str]) -> None:
