@@ -223,7 +223,10 @@ async def test_entries_are_not_reclaimed_before_claim_min_idle(make_rig: Any) ->
 
 
 async def test_concurrent_reapers_ingest_each_entry_exactly_once(make_rig: Any) -> None:
-    rig: Rig = await make_rig(batch_size=20)
+    # claim_min_idle_ms well above a 20-row flush even on a busy machine: a reclaimed batch's
+    # lease is renewed only every claim_min_idle_ms / 3, and at 100 ms a stalled event loop let
+    # a second reaper take over a batch still being flushed (a double count, never a double row).
+    rig: Rig = await make_rig(batch_size=20, claim_min_idle_ms=1000)
     await rig.add(500)
     await rig.read_as("ghost:1:0")
     reapers = [rig.reaper(f"r{i}") for i in range(4)]
