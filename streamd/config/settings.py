@@ -195,6 +195,18 @@ class Settings:
     def dead_stream(self) -> str:
         return self.dlq_stream or f"{self.stream}:dead"
 
+    def dead_stream_for(self, stream: str) -> str:
+        """A stream's dead-letter stream: `<stream>:dead`; dlq_stream only names the one of the
+        single `stream` (with `streams`, each stream has its own)."""
+        if stream == self.stream and not self.streams:
+            return self.dead_stream
+        return f"{stream}:dead"
+
+    @property
+    def table_names(self) -> tuple[str, ...]:
+        """Every events table serve may write: events_table, then each [tables.<name>]."""
+        return tuple(dict.fromkeys((self.events_table, *(t.name for t in self.tables))))
+
     def resolved_state_dir(self) -> Path:
         if self.state_dir:
             return Path(self.state_dir)
