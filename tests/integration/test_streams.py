@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
+from streamd.dev.processes import free_port
+from tests.integration.test_metrics import get, samples
 from tests.support.helpers import (
     ServeProcess,
     count_rows,
@@ -198,4 +200,29 @@ def test_a_thousand_streams_over_few_connections(env: dict[str, str], start_serv
         assert len(clients) <= 12, [c.get("cmd") for c in clients]
         assert sum(int(g["pending"]) for n in names[:1000] for g in r.xinfo_groups(n)) == 0
         assert r.xinfo_groups(names[1000]) == []
+    assert serve.terminate() == 0
+
+
+def test_worker_metrics_are_labelled_by_stream(env: dict[str, str], start_serve: Start) -> None:
+    url = env["STREAMD_REDIS_URL"]
+    port = free_port()
+    env |= {"STREAMD_STREAMS": "a,b:*", "STREAMD_METRICS_PORT": str(port)}
+    add(url, "b:1", 3)
+    serve = start_serve()
+    serve.wait_ready()
+    add(url, "a", 7)
+    xadd(url, [{"data": "{}"}], "b:1")
+    ingested, dead = "streamd_events_ingested_total", "streamd_dead_letters_total"
+
+    def counted() -> dict[str, float] | None:
+        page = samples(get(port, "/metrics")[1])
+        want = {
+            f'{ingested}{{stream="a"}}': 7,
+            f'{ingested}{{stream="b:1"}}': 3,
+            f'{dead}{{reason="missing_type",stream="b:1"}}': 1,
+            f'{dead}{{reason="missing_type",stream="a"}}': 0,
+        }
+        return page if all(page.get(k) == v for k, v in want.items()) else None
+
+    wait_until(counted, timeout=30, ignore=(OSError,))
     assert serve.terminate() == 0
