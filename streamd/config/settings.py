@@ -88,7 +88,12 @@ class Settings:
     )
     group: str = _opt("streamd", "Consumer group (created if missing).", kind="key")
     events_table: str = _opt("events", "Postgres table for events.", kind="table")
-    dlq_stream: str = _opt("", "Dead-letter stream; empty means '<stream>:dead'.", kind="key")
+    dlq_stream: str = _opt(
+        "",
+        "Dead-letter stream of the single `stream`; empty means '<stream>:dead'. With `streams`,"
+        " every stream has its own '<stream>:dead' and this is not used.",
+        kind="key",
+    )
     dlq_table: str = _opt("dead_letter_queue", "Postgres table for dead letters.", kind="table")
     dlq_stream_maxlen: int = _opt(
         1_000_000, "Approximate cap on the dead-letter stream's length (0: no cap).", min=0
