@@ -73,13 +73,15 @@ class ProgressLog:
             self._close_window(now)
         i = self.interval
         i.rows += report.inserted
-        i.batches += 1
         i.duplicates += report.duplicates
-        i.retries += report.retries
-        i.latency.add(report.produced_us, report.committed_at)
         for rejection in report.dead:
             i.dead[rejection.reason] += 1
             self._dead_letter(report.stream, rejection)
+        if not report.leads:  # another stream's share of a batch already counted
+            return
+        i.batches += 1
+        i.retries += report.retries
+        i.latency.add(report.produced_us, report.committed_at)
         if report.total_s >= self.settings.slow_batch_s:
             i.slow += 1
             self.log.warning(
