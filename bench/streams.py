@@ -81,13 +81,16 @@ def fill(lab: Lab, n: int, streams: Sequence[str]) -> None:
 
 
 def wait_for(lab: Lab, proc: subprocess.Popen[bytes], streams: Sequence[str], n: int) -> None:
+    # A look at 100 streams costs this process and Redis a few ms: poll them less often, so the
+    # polling does not slow down what it measures (the error stays within 1 % of a drain).
+    interval = 0.02 if len(streams) < 10 else 0.05
     while True:
         read, pending, _ = progress(lab, streams)
         if read >= n and pending == 0:
             return
         if proc.poll() is not None:
             raise SystemExit(f"serve exited early; see {lab.logs}")
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 def drain(
