@@ -155,7 +155,7 @@ class ProgressLog:
         p50, p99 = done.latency.quantile(0.5), done.latency.quantile(0.99)
         self.log.info(
             "ingest_progress",
-            stream=self.settings.stream,
+            stream=",".join(self.settings.stream_names),
             interval_s=round(elapsed, 1),
             rows=done.rows,
             rows_per_s=round(done.rows / elapsed, 1),
@@ -173,6 +173,8 @@ class ProgressLog:
     async def _backlog(self) -> dict[str, Any]:
         """The group's lag and pending, in entries and in seconds; None where Redis did not say."""
         out: dict[str, Any] = dict.fromkeys(("lag", "lag_s", "pending", "pending_age_s"))
+        if self.settings.streams:  # many streams: their figures are `streamd monitor`'s
+            return out
         with contextlib.suppress(Exception):  # a summary without the lag beats no summary
             async with asyncio.timeout(BACKLOG_TIMEOUT_S):
                 stats = await read_redis_stats(self.client, self.settings)
