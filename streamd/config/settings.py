@@ -89,6 +89,22 @@ class Settings:
     group: str = _opt("streamd", "Consumer group (created if missing).", kind="key")
     events_table: str = _opt("events", "Postgres table for events.", kind="table")
     dlq_stream: str = _opt("", "Dead-letter stream; empty means '<stream>:dead'.", kind="key")
+    # --- partitions and retention (docs/partitions.md) ---
+    partition_interval: Literal["hour", "day", "week", "month", ""] = _opt(
+        "day",
+        "A new events table is partitioned by its entry IDs' time into ranges this long (UTC);"
+        ' "": one unpartitioned table. An existing table keeps its layout (streamd db migrate).',
+    )
+    retention: str = _opt(
+        "",
+        'Drop partitions entirely older than this, e.g. "30 days", "12 hours"; "": keep all.',
+        kind="retention",
+    )
+    maintenance_interval_s: float = _opt(
+        60.0,
+        "How often serve creates partitions ahead and applies retention (also done at start).",
+        min=1.0,
+    )
     dlq_table: str = _opt("dead_letter_queue", "Postgres table for dead letters.", kind="table")
     dlq_stream_maxlen: int = _opt(
         1_000_000, "Approximate cap on the dead-letter stream's length (0: no cap).", min=0

@@ -11,6 +11,11 @@ a pooler in transaction mode, where the next transaction may run on another serv
 If Postgres refuses a row for its data (bad JSON, bad encoding, too deep), the error names the
 COPY line, so the refused row is split off and the rest is written again inside a savepoint: one
 bad row costs one extra COPY, not a batch in the DLQ. Without a line number the batch is bisected.
+
+The table's layout (backends/layout.py) decides the COPY columns: the "ids" layout also gets the
+entry ID as two bigints (entry_ms, entry_seq). A partitioned table gets the partitions a batch's
+time needs before the batch is written (backends/partitions.py): a row for which no partition
+exists is never refused, nor taken for a bad row.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from streamd.backends import layout as layouts
+from streamd.backends import partitions
 from streamd.backends.connections import statement_scope, transaction
 from streamd.backends.sql import quote_ident
 from streamd.pipeline import dead_letters as dlq
@@ -30,7 +37,6 @@ from streamd.pipeline.envelope import ENTRY_ID, FIELDS, Rejection, Row
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
-_COLUMNS = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
 _STAGE = "streamd_stage"
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
 
@@ -45,10 +51,14 @@ ROW_ERRORS = (
 _pack_i = struct.Struct(">i").pack
 _pack_ts = struct.Struct(">iq").pack
 _pack_json = struct.Struct(">iB").pack
+# entry_ms, entry_seq: a sequence number past 2**63 (valid in Redis) is stored as its two's
+# complement, which keeps every ID distinct (it is the key), if not in order.
+_pack_ids = struct.Struct(">iqiQ").pack
 
 
-def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
-    """The binary COPY stream for rows: (stream, entry_id, event_type, payload, produced_at, meta).
+def encode_copy(row_start: bytes, rows: list[Row], with_ids: bool = False) -> memoryview:
+    """The binary COPY stream for rows: (stream, entry_id, [entry_ms, entry_seq,] event_type,
+    payload, produced_at, meta).
 
     memoryview, because asyncpg takes plain bytes for a file path.
     """
@@ -72,7 +82,12 @@ def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
         if json_head is None:
             # jsonb's binary format is a version byte (1), then the JSON text.
             json_head = json_heads[size] = _pack_json(size + 1, 1)
-        extend((id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us)))
+        if with_ids:
+            ms, _, seq = entry_id.partition(b"-")
+            extend((id_head, entry_id, _pack_ids(8, int(ms), 8, int(seq or 0))))
+        else:
+            extend((id_head, entry_id))
+        extend((type_field, json_head, payload, _pack_ts(8, produced_us)))
         if meta is None:
             parts.append(_NULL)
         else:
@@ -95,32 +110,75 @@ _Method = Callable[[asyncpg.Connection, list[Row]], Awaitable[int]]
 class PostgresSink:
     """Writes batches for one stream into one events table and one DLQ table."""
 
-    def __init__(self, stream: str, events_table: str, dlq_table: str) -> None:
+    def __init__(
+        self, stream: str, events_table: str, dlq_table: str, layout: str | None = None
+    ) -> None:
+        """layout: "ids" or "text" (backends/layout.py); None: found out at the first write."""
         self.stream = stream
         self.events_table = events_table
-        # Every row starts with the column count and the (constant) stream column.
-        self._row_start = struct.pack(">h", len(_COLUMNS)) + _pack_i(len(stream.encode()))
-        self._row_start += stream.encode()
+        self._coverage: partitions.Coverage | None = None
+        self._layout = ""
+        if layout is not None:
+            self._use_layout(layout)
         self._events = quote_ident(events_table)
         self._dlq_insert = dlq.insert_sql(quote_ident(dlq_table))
         self._stage_create = (
             f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
             f"(LIKE {self._events} INCLUDING DEFAULTS) ON COMMIT DROP"
         )
-        cols = ", ".join(_COLUMNS)
+
+    def _use_layout(self, layout: str) -> None:
+        self._layout = layout
+        self.columns = layouts.COPY_COLUMNS[layout]
+        # Every row starts with the column count and the (constant) stream column.
+        self._row_start = struct.pack(">h", len(self.columns)) + _pack_i(len(self.stream.encode()))
+        self._row_start += self.stream.encode()
+        cols = ", ".join(self.columns)
+        # No conflict target: the table's one unique key is the one a replay hits, in either layout.
         self._stage_insert = (
-            f"INSERT INTO {self._events} ({cols}) SELECT {cols} FROM {_STAGE} "
-            "ON CONFLICT (stream, entry_id) DO NOTHING"
+            f"INSERT INTO {quote_ident(self.events_table)} ({cols}) SELECT {cols} FROM {_STAGE} "
+            "ON CONFLICT DO NOTHING"
         )
+
+    async def _resolve(self, conn: asyncpg.Connection) -> None:
+        """The table's layout, asked once (the schema was checked at start)."""
+        found = await layouts.inspect(conn, self.events_table)
+        if not isinstance(found, layouts.TableLayout):
+            raise layouts.refusal(self.events_table, found or "it does not exist")
+        self._use_layout(found.kind)
+        if found.partitioned:
+            self._coverage = partitions.Coverage(self.events_table, found.interval)
 
     def copy_source(self, rows: list[Row]) -> memoryview:
         """The binary COPY stream this sink sends for rows."""
-        return encode_copy(self._row_start, rows)
+        return encode_copy(self._row_start, rows, self._layout == "ids")
 
     async def write(
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
         """Commit rows and dead-letter rows in one transaction. Transient errors propagate."""
+        if not self._layout:
+            await self._resolve(conn)
+        coverage = self._coverage
+        if coverage is None or not rows:
+            return await self._write(conn, rows, rejects)
+        # The batch's first and last entries name its time span, which is almost always one
+        # partition; a row in between that needs another one is refused, then all are looked at.
+        await coverage.ensure(
+            conn, (partitions.entry_ms(rows[0][0]), partitions.entry_ms(rows[-1][0]))
+        )
+        try:
+            return await self._write(conn, rows, rejects)
+        except asyncpg.CheckViolationError as exc:
+            if not partitions.is_missing_partition(exc):
+                raise
+        coverage.forget()
+        await coverage.ensure(conn, (partitions.entry_ms(r[0]) for r in rows))
+        return await self._write(conn, rows, rejects)
+
+    async def _write(
+        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult:
         if rows and not rejects:
             # The common case: one COPY in autocommit, one round trip, atomic on its own. If
             # Postgres refuses it for any row's sake, nothing was written: take the careful path.
@@ -128,8 +186,9 @@ class PostgresSink:
                 async with statement_scope(conn):
                     await self._copy(conn, rows)
                 return WriteResult(inserted=len(rows))
-            except ROW_ERRORS:
-                pass
+            except ROW_ERRORS as exc:
+                if partitions.is_missing_partition(exc):
+                    raise
         result = WriteResult()
         try:
             await self._write_with(conn, rows, rejects, self._copy, result)
@@ -163,7 +222,9 @@ class PostgresSink:
                 async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
                     inserted = await method(conn, rows)
             except ROW_ERRORS as exc:
-                if isinstance(exc, asyncpg.UniqueViolationError):
+                if isinstance(exc, asyncpg.UniqueViolationError) or partitions.is_missing_partition(
+                    exc
+                ):
                     raise
                 if len(rows) == 1:
                     result.refused.append(_refusal(rows[0], exc))
@@ -187,7 +248,7 @@ class PostgresSink:
         await conn.copy_to_table(
             self.events_table,
             source=self.copy_source(rows),
-            columns=_COLUMNS,
+            columns=self.columns,
             format="binary",
         )
         return len(rows)
@@ -197,7 +258,7 @@ class PostgresSink:
         await conn.copy_to_table(
             _STAGE,
             source=self.copy_source(rows),
-            columns=_COLUMNS,
+            columns=self.columns,
             format="binary",
         )
         status = await conn.execute(self._stage_insert)
