@@ -34,8 +34,9 @@ BATCH_TIMEOUT_SECONDS = 2.0
 STREAM, GROUP, TABLE = "events", "seed", "events"
 
 INSERT = (
-    f"INSERT INTO {TABLE} (stream, entry_id, event_type, payload, produced_at) "
-    "VALUES ($1, $2, $3, $4::jsonb, $5)"
+    f"INSERT INTO {TABLE} (stream, entry_id, event_type, payload, produced_at, entry_ms, "
+    "entry_seq) VALUES ($1, $2, $3, $4::jsonb, $5, split_part($2, '-', 1)::bigint, "
+    "split_part($2, '-', 2)::bigint)"  # the two key columns of the table `db init` makes
 )
 
 

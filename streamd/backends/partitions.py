@@ -84,18 +84,23 @@ class Partition:
         return self.start_ms <= ms < self.end_ms
 
 
+# Sizes only when asked: pg_total_relation_size locks each partition (ACCESS SHARE), which
+# would make the sink's look at its partitions wait behind a LOCK TABLE or a DETACH.
 _LIST = """
 SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound,
-       pg_total_relation_size(c.oid) AS bytes, c.reltuples::bigint AS tuples
+       CASE WHEN $2 THEN pg_total_relation_size(c.oid) ELSE 0 END AS bytes,
+       c.reltuples::bigint AS tuples
 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = to_regclass(quote_ident($1))
 """
 
 
-async def list_partitions(conn: asyncpg.Connection, table: str) -> list[Partition]:
+async def list_partitions(
+    conn: asyncpg.Connection, table: str, *, sizes: bool = False
+) -> list[Partition]:
     """The table's range partitions in time order (a DEFAULT partition has no range: skipped)."""
     out = []
-    for r in await conn.fetch(_LIST, table):
+    for r in await conn.fetch(_LIST, table, sizes):
         found = _BOUND.search(r["bound"] or "")
         if found:
             start, end = int(found.group(1)), int(found.group(2))

@@ -142,7 +142,8 @@ class PostgresSink:
 
     async def _resolve(self, conn: asyncpg.Connection) -> None:
         """The table's layout, asked once (the schema was checked at start)."""
-        found = await layouts.inspect(conn, self.events_table)
+        async with transaction(conn):  # streamd's timeouts, behind a pooler too
+            found = await layouts.inspect(conn, self.events_table)
         if not isinstance(found, layouts.TableLayout):
             raise layouts.refusal(self.events_table, found or "it does not exist")
         self._use_layout(found.kind)
