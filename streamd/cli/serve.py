@@ -142,6 +142,31 @@ def db_init(ctx: click.Context) -> None:
     run(body)
 
 
+@db.command("partitions")
+@click.option(
+    "--upkeep",
+    is_flag=True,
+    help="First run one round of partition upkeep (create ahead, apply retention), as serve "
+    "does every maintenance_interval_s: for a cron job of the table owner.",
+)
+@click.pass_context
+def db_partitions(ctx: click.Context, upkeep: bool) -> None:
+    """List each events table's partitions: time ranges (UTC), sizes, row estimates.
+
+    Examples:
+
+    \b
+      streamd db partitions
+      streamd --set retention="30 days" db partitions --upkeep
+    """
+    from streamd.tools.partitions_admin import partition_report
+
+    def body() -> None:
+        click.echo(asyncio.run(partition_report(configured(ctx), run_upkeep=upkeep)))
+
+    run(body)
+
+
 @cli.command("config")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--sources/--no-sources", default=True, help="Show where each value came from.")

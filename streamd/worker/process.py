@@ -33,6 +33,7 @@ from streamd.pipeline.batch import BatchObserver, BatchReport, BatchWriter
 from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream
 from streamd.worker.consumer import Consumer
+from streamd.worker.maintenance import Maintenance
 from streamd.worker.reaper import Reaper
 from streamd.worker.redis_needs import serve_needs
 
@@ -136,6 +137,9 @@ class Worker:
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
             if s.log_interval_s > 0:
                 tasks.append(asyncio.create_task(self.progress.run(), name="progress"))
+            if self.index == 0:  # partition upkeep: one per serve (one drop at a time across all)
+                upkeep = Maintenance(s, pool, self._stop).run()
+                tasks.append(asyncio.create_task(upkeep, name="maintenance"))
             tasks.extend(make(self) for make in self.hooks.extra_tasks)
             self.log.info(
                 "worker_started",
