@@ -161,20 +161,20 @@ class PostgresSink:
         if not self._layout:
             await self._resolve(conn)
         coverage = self._coverage
-        if coverage is None or not rows:
-            return await self._write(conn, rows, rejects)
-        # The batch's first and last entries name its time span, which is almost always one
-        # partition; a row in between that needs another one is refused, then all are looked at.
-        await coverage.ensure(
-            conn, (partitions.entry_ms(rows[0][0]), partitions.entry_ms(rows[-1][0]))
-        )
+        if coverage is not None and rows:
+            # The batch's first and last entries name its time span, almost always within one
+            # partition; a row in between that needs another one is refused, then all are seen.
+            ends = (partitions.entry_ms(rows[0][0]), partitions.entry_ms(rows[-1][0]))
+            await coverage.ensure(conn, ends)
         try:
             return await self._write(conn, rows, rejects)
-        except asyncpg.CheckViolationError as exc:
-            if not partitions.is_missing_partition(exc):
+        except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError) as exc:
+            if not _table_changed(exc):
                 raise
-        coverage.forget()
-        await coverage.ensure(conn, (partitions.entry_ms(r[0]) for r in rows))
+        # A partition was dropped under us, or `streamd db migrate` swapped the table in.
+        await self._resolve(conn)
+        if self._coverage is not None:
+            await self._coverage.ensure(conn, (partitions.entry_ms(r[0]) for r in rows))
         return await self._write(conn, rows, rejects)
 
     async def _write(
@@ -188,7 +188,7 @@ class PostgresSink:
                     await self._copy(conn, rows)
                 return WriteResult(inserted=len(rows))
             except ROW_ERRORS as exc:
-                if partitions.is_missing_partition(exc):
+                if _table_changed(exc):
                     raise
         result = WriteResult()
         try:
@@ -223,9 +223,7 @@ class PostgresSink:
                 async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
                     inserted = await method(conn, rows)
             except ROW_ERRORS as exc:
-                if isinstance(exc, asyncpg.UniqueViolationError) or partitions.is_missing_partition(
-                    exc
-                ):
+                if isinstance(exc, asyncpg.UniqueViolationError) or _table_changed(exc):
                     raise
                 if len(rows) == 1:
                     result.refused.append(_refusal(rows[0], exc))
@@ -265,6 +263,17 @@ class PostgresSink:
         status = await conn.execute(self._stage_insert)
         await conn.execute(f"TRUNCATE {_STAGE}")
         return int(status.rsplit(" ", 1)[-1])
+
+
+def _table_changed(exc: BaseException) -> bool:
+    """Refused for the table's sake, not the row's: no partition for its time, or the key
+    columns of the layout `streamd db migrate` swapped in while this sink wrote the old one."""
+    if partitions.is_missing_partition(exc):
+        return True
+    return isinstance(exc, asyncpg.NotNullViolationError) and getattr(exc, "column_name", None) in (
+        "entry_ms",
+        "entry_seq",
+    )
 
 
 def _failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:

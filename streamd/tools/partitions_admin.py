@@ -1,6 +1,7 @@
-"""`streamd db partitions`: each events table's partitions with their time ranges, sizes and row
-estimates; `--upkeep` runs one round of what serve does every maintenance_interval_s (create
-ahead, apply retention), for a cron job of the table owner when serve's role may not create."""
+"""`streamd db migrate` (backends/migrate.py), and `streamd db partitions`: each events table's
+partitions with their time ranges, sizes and row estimates; `--upkeep` first runs one round of
+what serve does every maintenance_interval_s (create ahead, apply retention), for a cron job of
+the table owner when serve's role may not create partitions."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from streamd.backends import partitions
 from streamd.backends.connections import postgres_connect
 from streamd.backends.faults import POSTGRES_FAULTS
 from streamd.backends.layout import TableLayout, inspect
+from streamd.backends.migrate import Progress, migrate
 from streamd.backends.preflight import postgres_error
 from streamd.backends.upkeep import UpkeepResult, maintained_tables, now_ms, upkeep
 from streamd.common.text import human_bytes
@@ -40,6 +42,22 @@ async def partition_report(settings: Settings, *, run_upkeep: bool = False) -> s
         raise postgres_error(settings, exc, "list the partitions") from None
     finally:
         await conn.close()
+
+
+async def run_migrate(settings: Settings, progress: Progress) -> None:
+    """Migrate events_table (see backends/migrate.py), printing progress lines."""
+    try:
+        conn = await postgres_connect(settings)
+    except (*POSTGRES_FAULTS, ValueError) as exc:
+        raise postgres_error(settings, exc) from None
+    try:
+        result = await migrate(conn, settings.events_table, settings, progress)
+    except POSTGRES_FAULTS as exc:
+        raise postgres_error(settings, exc, "migrate (run it again to resume)") from None
+    finally:
+        await conn.close()
+    if result.kept_as:
+        progress(f"{result.table}: migrated, {result.copied:,} rows copied")
 
 
 def _upkeep_lines(result: UpkeepResult) -> list[str]:

@@ -16,6 +16,7 @@ from tests.support.helpers import (
     wait_until,
     xadd,
 )
+from tests.support.layouts import NO_UNIQUE_KEY, TEXT_KEY
 from tests.support.streamd_cli import run_streamd
 
 # The original pipeline's table: a serial id and its own names for everything.
@@ -26,16 +27,6 @@ CREATE TABLE events (
 );
 INSERT INTO events (event_id, event_type, payload) VALUES ('1-1', 'old', '{}');
 """
-# streamd's columns, made by hand, without the key: a replay would duplicate every row.
-NO_UNIQUE_KEY = """
-CREATE TABLE events (
-    stream text NOT NULL, entry_id text NOT NULL, event_type text NOT NULL,
-    payload jsonb NOT NULL, produced_at timestamptz NOT NULL,
-    ingested_at timestamptz NOT NULL DEFAULT now(), meta jsonb
-);
-"""
-# The layout streamd itself created before the two-bigint key: still written into as it is.
-TEXT_KEY = NO_UNIQUE_KEY.replace("meta jsonb\n", "meta jsonb, PRIMARY KEY (stream, entry_id)\n")
 
 
 def shape(dsn: str, table: str = "events") -> list[tuple[str, ...]]:
