@@ -2,7 +2,7 @@
 
 Two layouts are streamd's own:
 - "ids" (what `streamd db init` creates): the entry ID as two bigints, the unique key
-  (stream, entry_ms, entry_seq) with the stream under COLLATE "C" (bytewise compares), the text
+  (entry_ms, entry_seq, stream) with the stream under COLLATE "C" (bytewise compares), the text
   `entry_id` kept as a plain column for readers, and, with partition_interval set, range
   partitions on entry_ms (backends/partitions.py). bench/layouts.py measures why.
 - "text" (the layout of streamd before 0.x): the unique key (stream, entry_id text). Still
@@ -37,7 +37,8 @@ _WRITTEN = {
     "meta": "jsonb",
 }
 _IDS = {"entry_ms": "bigint", "entry_seq": "bigint"}
-KEYS = {"ids": ("stream", "entry_ms", "entry_seq"), "text": ("stream", "entry_id")}
+# The unique key exactly-once rests on, per layout, in the order of its index.
+KEYS = {"ids": ("entry_ms", "entry_seq", "stream"), "text": ("stream", "entry_id")}
 
 # The columns a binary COPY sends, per layout, in the order of the encoded fields.
 COPY_COLUMNS = {
@@ -85,7 +86,9 @@ def create_sql(table: str, interval: str) -> list[str]:
     produced_at  timestamptz NOT NULL,  -- the entry's `ts` field, else its ID's milliseconds
     ingested_at  timestamptz NOT NULL DEFAULT now(),
     meta         jsonb,                 -- extra envelope fields, when keep_extra_fields is on
-    PRIMARY KEY (stream, entry_ms, entry_seq)
+    -- The time first: inserts go to the right edge of the index, and most comparisons end at
+    -- the first, integer, column (bench/layouts.py).
+    PRIMARY KEY (entry_ms, entry_seq, stream)
 ){partition}""",
         # BRIN costs almost nothing on insert and serves "events in the last minute".
         f"CREATE INDEX ON {t} USING brin (ingested_at)",

@@ -3,7 +3,7 @@ of an hour, a day, a week (from Monday) or a calendar month.
 
 The partition key is the entry ID's time, set by Redis and fixed per entry, never the producer's
 `ts`: a replayed entry lands in the partition it landed in the first time, and the unique key
-(stream, entry_ms, entry_seq), which contains the partition key as Postgres requires, refuses it
+(entry_ms, entry_seq, stream), which contains the partition key as Postgres requires, refuses it
 there. There is no default partition: a row for a range with no partition would be refused, so
 the sink creates the partitions a batch needs before it writes (create_for), and upkeep creates
 the current and next ones ahead of time. Every creation runs in one transaction under an advisory

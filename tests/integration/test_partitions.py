@@ -92,7 +92,7 @@ async def test_a_replay_lands_in_the_same_partition_and_the_key_refuses_it(
         "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
         " WHERE indrelid = 'events'::regclass AND indisprimary"
     )
-    assert "(stream, entry_ms, entry_seq)" in key
+    assert "(entry_ms, entry_seq, stream)" in key
 
 
 async def test_a_backfill_of_old_explicit_ids_gets_partitions_for_its_own_time(
