@@ -31,6 +31,7 @@ from streamd.backends import layout as layouts
 from streamd.backends import partitions
 from streamd.backends.connections import statement_scope, transaction
 from streamd.backends.sql import quote_ident
+from streamd.errors import BootError
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import ENTRY_ID, FIELDS, Rejection, Row
 
@@ -144,8 +145,10 @@ class PostgresSink:
         """The table's layout, asked once (the schema was checked at start)."""
         async with transaction(conn):  # streamd's timeouts, behind a pooler too
             found = await layouts.inspect(conn, self.events_table)
-        if not isinstance(found, layouts.TableLayout):
-            raise layouts.refusal(self.events_table, found or "it does not exist")
+        if found is None:
+            raise BootError(f"table {self.events_table!r} is gone (streamd db init creates it)")
+        if isinstance(found, str):
+            raise layouts.refusal(self.events_table, found)
         self._use_layout(found.kind)
         if found.partitioned:
             self._coverage = partitions.Coverage(self.events_table, found.interval)
