@@ -293,3 +293,18 @@ def test_serve_applies_retention_at_start_and_logs_each_drop(
     assert line["partition"] == "events_p20210303" and line["dropped_total"] == 1
     assert pg_fetchval(dsn, "SELECT to_regclass('events_p20210303')") is None
     assert serve.terminate() == 0
+
+
+async def test_a_partition_detached_by_a_pass_that_died_is_dropped_by_the_next(
+    conn: asyncpg.Connection, sink: PostgresSink, make_settings: Callable[..., Settings]
+) -> None:
+    await sink.write(conn, rows_at(f"{ms('2025-03-03T00:00:00')}-0"), [])
+    # What a pass leaves when it dies between its two transactions: detached and marked.
+    await conn.execute("ALTER TABLE events DETACH PARTITION events_p20250303")
+    await conn.execute(
+        "COMMENT ON TABLE events_p20250303 IS 'streamd: detached by retention from events'"
+    )
+    await conn.execute("CREATE TABLE events_p20250304_mine (LIKE events)")  # not marked: kept
+    await upkeep(conn, "events", make_settings(retention="30 days"))
+    assert await conn.fetchval("SELECT to_regclass('events_p20250303')") is None
+    assert await conn.fetchval("SELECT to_regclass('events_p20250304_mine')") is not None
