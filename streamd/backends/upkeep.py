@@ -33,6 +33,7 @@ DROP_LOCK_TIMEOUT_MS = 1000
 @dataclass(slots=True)
 class UpkeepResult:
     table: str
+    partitioned: bool = False
     created: list[str] = field(default_factory=list)
     dropped: list[partitions.Partition] = field(default_factory=list)
     postponed: list[str] = field(default_factory=list)  # drops that waited too long for the lock
@@ -64,6 +65,7 @@ async def upkeep(
     found = await inspect(conn, table)
     if not isinstance(found, TableLayout) or not found.partitioned:
         return result
+    result.partitioned = True
     at = now_ms() if at_ms is None else at_ms
     before = {p.name for p in await partitions.list_partitions(conn, table)}
     now_there = await partitions.create_ranges(

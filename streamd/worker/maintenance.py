@@ -27,6 +27,7 @@ class Maintenance:
         self._stopping = stopping
         self.log = get_logger()
         self.dropped_total = 0
+        self._warned: set[str] = set()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -47,6 +48,14 @@ class Maintenance:
                 )
 
     def _report(self, result: UpkeepResult) -> None:
+        if not result.partitioned and self.settings.retention and result.table not in self._warned:
+            self._warned.add(result.table)
+            self.log.warning(
+                "retention_needs_partitions",
+                table=result.table,
+                retention=self.settings.retention,
+                fix="streamd db migrate (partition_interval) makes it a partitioned table",
+            )
         for name in result.created:
             self.log.info("partition_created", table=result.table, partition=name)
         for part in result.dropped:

@@ -308,3 +308,15 @@ async def test_a_partition_detached_by_a_pass_that_died_is_dropped_by_the_next(
     await upkeep(conn, "events", make_settings(retention="30 days"))
     assert await conn.fetchval("SELECT to_regclass('events_p20250303')") is None
     assert await conn.fetchval("SELECT to_regclass('events_p20250304_mine')") is not None
+
+
+def test_retention_on_an_unpartitioned_table_is_a_warning_not_silence(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    environ = {**env, "STREAMD_PARTITION_INTERVAL": "", "STREAMD_RETENTION": "30 days"}
+    serve = start_serve(environ=environ)
+    serve.wait_ready()
+    wait_until(lambda: serve.events("retention_needs_partitions"), timeout=30)
+    (line,) = serve.events("retention_needs_partitions")
+    assert line["table"] == "events" and "streamd db migrate" in line["fix"]
+    assert serve.terminate() == 0
