@@ -37,6 +37,7 @@ CHUNK_ROWS = 10_000
 # most this much earlier: streamd's transactions end within statement and idle timeouts.
 CATCH_UP_MARGIN_S = 600
 _COMMENT = "streamd: migrating "
+_MAX_NAME = 63  # Postgres cuts longer identifiers, which could make two partitions' names one
 
 Progress = Callable[[str], None]
 
@@ -75,6 +76,12 @@ async def migrate(
     if isinstance(source, str):
         raise refusal(table, source)
     target = f"{table}_migrating"
+    if len(f"{target}_p2026120100") > _MAX_NAME:
+        raise StreamdError(
+            f"table name {table!r} is too long for the names db migrate gives its tables and "
+            f"partitions (at most {_MAX_NAME - len('_migrating_p2026120100')} characters): "
+            "rename the table first"
+        )
     wanted = settings.partition_interval
     if source.kind == "ids" and source.interval == wanted:
         if await _exists(conn, target):

@@ -133,3 +133,19 @@ def test_migrate_runs_online_while_serve_writes(
     assert len(got) == len(set(got)) and set(got) == produced
     assert count_rows(dsn, "dead_letter_queue") == 0
     assert serve.terminate() == 0
+
+
+def test_a_table_name_too_long_for_the_migration_names_is_refused_up_front(
+    env: dict[str, str],
+) -> None:
+    long_name = "e" * 45
+    environ = {**env, "STREAMD_EVENTS_TABLE": long_name}
+    pg_execute(env["STREAMD_POSTGRES_DSN"], TEXT_KEY.replace("TABLE events", f"TABLE {long_name}"))
+    result = run_streamd(environ, "db", "migrate")
+    assert result.returncode == 1, result.stderr
+    assert "is too long for the names db migrate gives" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        pg_fetchval(env["STREAMD_POSTGRES_DSN"], f"SELECT to_regclass('{long_name}_migrating')")
+        is None
+    )
