@@ -1,7 +1,8 @@
--- streamd schema: the tables streamd writes and other programs read.
+-- streamd schema: the dead-letter table (the events table's layout depends on partition_interval
+-- and is created by backends/layout.py: see docs/partitions.md).
 --
 -- Applied idempotently by `streamd db init` and by `streamd serve` at start; safe to run by hand
--- (`psql -f init.sql`), which creates the default names `events` and `dead_letter_queue`.
+-- (`psql -f init.sql`), which creates the default name `dead_letter_queue`.
 -- streamd sets `streamd.events_table` / `streamd.dlq_table` (set_config) before running this file
 -- when the config names other tables. Every name goes through format('%I'), so a configured name is
 -- always quoted as an identifier and can never inject SQL. Changes to this contract are added below
@@ -13,22 +14,6 @@ DECLARE
 BEGIN
     -- Several processes may start at once; one applies the schema, the others wait and find it done.
     PERFORM pg_advisory_xact_lock(hashtext('streamd.schema'));
-
-    -- One row per stream entry. The primary key makes a replayed batch insert nothing new.
-    EXECUTE format($sql$
-        CREATE TABLE IF NOT EXISTS %I (
-            stream       text        NOT NULL,
-            entry_id     text        NOT NULL,  -- the Redis entry ID, "<ms>-<seq>"
-            event_type   text        NOT NULL,
-            payload      jsonb       NOT NULL,
-            produced_at  timestamptz NOT NULL,  -- the entry's `ts` field, else its ID's milliseconds
-            ingested_at  timestamptz NOT NULL DEFAULT now(),
-            meta         jsonb,                 -- extra envelope fields, when keep_extra_fields is on
-            CONSTRAINT %I PRIMARY KEY (stream, entry_id)
-        )$sql$, events_table, events_table || '_pkey');
-    -- BRIN costs almost nothing on insert and serves "events in the last minute" on append-only data.
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %I USING brin (ingested_at)',
-                   events_table || '_ingested_at_brin', events_table);
 
     -- Entries that could not become a row, with the reason and the raw fields (bytes made safe).
     EXECUTE format($sql$

@@ -31,7 +31,8 @@ async def copy_parallel(
     dsn: str, rows: list[Row], *, connections: int, chunk: int = 5000, stream: str = "events"
 ) -> float:
     """COPY rows over `connections` connections; returns the seconds it took."""
-    sink = PostgresSink(stream, "events", "dead_letter_queue")
+    # The layout `streamd db init` creates (and partitions it already made for these rows' time).
+    sink = PostgresSink(stream, "events", "dead_letter_queue", layout="ids")
     buffers = [sink.copy_source(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
     conns = [await asyncpg.connect(dsn) for _ in range(connections)]
     queue: asyncio.Queue[memoryview] = asyncio.Queue()
@@ -45,7 +46,7 @@ async def copy_parallel(
                 "events",
                 source=buffer,
                 format="binary",
-                columns=["stream", "entry_id", "event_type", "payload", "produced_at", "meta"],
+                columns=sink.columns,
             )
 
     try:

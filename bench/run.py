@@ -125,12 +125,15 @@ class Lab:
             | extra
         )
 
-    def reset(self) -> None:
-        """Empty stream, groups and tables; the schema as `streamd db init` makes it."""
+    def reset(self, table_sql: str = "") -> None:
+        """Empty stream, groups and tables; the schema as `streamd db init` makes it, then
+        table_sql (a contender's own table)."""
         with redis.Redis.from_url(self.redis_url) as r:
             r.flushdb()
         asyncio.run(self._reset_pg())
         run_quiet([sys.executable, "-m", "streamd", "db", "init"], self.env())
+        if table_sql:
+            self.execute(table_sql)
 
     async def _reset_pg(self) -> None:
         conn = await asyncpg.connect(self.dsn)
@@ -139,6 +142,16 @@ class Lab:
             await conn.execute("CHECKPOINT")
         finally:
             await conn.close()
+
+    def execute(self, sql: str) -> None:
+        async def run() -> None:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
 
     def fill(self, n: int) -> None:
         """Pre-fill the stream with n sample events."""
@@ -228,24 +241,45 @@ def run_quiet(argv: list[str], env: dict[str, str]) -> None:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
 
 
+# streamd's earlier events layout: the text key (stream, entry_id), unpartitioned.
+TEXT_KEY_TABLE = """
+DROP TABLE events;
+CREATE TABLE events (
+    stream text NOT NULL, entry_id text NOT NULL, event_type text NOT NULL,
+    payload jsonb NOT NULL, produced_at timestamptz NOT NULL,
+    ingested_at timestamptz NOT NULL DEFAULT now(), meta jsonb,
+    PRIMARY KEY (stream, entry_id)
+);
+CREATE INDEX ON events USING brin (ingested_at);
+"""
+
+
 @dataclass
 class Contender:
     name: str
     group: str
+    env: dict[str, str] = field(default_factory=dict)  # settings of this contender
+    table_sql: str = ""  # run after `db init`: the table this contender writes into
 
     def start(self, lab: Lab, tag: str) -> subprocess.Popen[bytes]:
         log = open(lab.logs / f"{self.name}-{tag}.log", "wb")  # noqa: SIM115 - lives with proc
-        if self.name == "streamd":
+        if self.group == "streamd":
             argv = [sys.executable, "-m", "streamd", "serve"]
         else:
             argv = [sys.executable, "-m", "bench.seed_baseline", lab.redis_url, lab.dsn]
         return subprocess.Popen(
-            argv, env=lab.env(), stdout=log, stderr=log, cwd=ROOT, start_new_session=True
+            argv, env=lab.env(**self.env), stdout=log, stderr=log, cwd=ROOT, start_new_session=True
         )
 
 
-SEED = Contender("seed design", "seed")
+# The seed on its own table, as it was designed: the text key, one heap.
+SEED = Contender("seed design", "seed", table_sql=TEXT_KEY_TABLE)
 STREAMD = Contender("streamd", "streamd")
+# The layouts of docs/partitions.md side by side: the default is partitioned by day.
+STREAMD_UNPARTITIONED = Contender(  # serve makes the table again, with its settings
+    "streamd unpartitioned", "streamd", {"STREAMD_PARTITION_INTERVAL": ""}, "DROP TABLE events"
+)
+STREAMD_TEXT_KEY = Contender("streamd text key", "streamd", table_sql=TEXT_KEY_TABLE)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -265,7 +299,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def drain_once(lab: Lab, contender: Contender, n: int, tag: str) -> tuple[float, CpuSample]:
     """Events/s for one drain of n pre-filled events, from the first read to the last ack, and
     the CPU per event spent meanwhile (start-up, imports and connecting left out)."""
-    lab.reset()
+    lab.reset(contender.table_sql)
     lab.fill(n)
     proc = contender.start(lab, tag)
     first: tuple[float, CpuSample] | None = None
@@ -305,7 +339,14 @@ def drain_raw(lab: Lab, n: int) -> tuple[float, CpuSample]:
     return n / seconds, cpu
 
 
-CONTENDERS = ("seed design", "streamd", "raw parallel COPY")
+CONTENDERS = (
+    "seed design",
+    "streamd",
+    "streamd unpartitioned",
+    "streamd text key",
+    "raw parallel COPY",
+)
+_BY_NAME = {c.name: c for c in (SEED, STREAMD, STREAMD_UNPARTITIONED, STREAMD_TEXT_KEY)}
 CPU_PARTS = ("consumer", "redis", "postgres")
 
 
@@ -333,7 +374,7 @@ def bench_drain(lab: Lab, n: int, repeat: int) -> DrainResult:
             if name == "raw parallel COPY":
                 rate, cpu = drain_raw(lab, n)
             else:
-                rate, cpu = drain_once(lab, SEED if name == SEED.name else STREAMD, n, f"drain{i}")
+                rate, cpu = drain_once(lab, _BY_NAME[name], n, f"drain{i}")
             result.rates[name].append(rate)
             result.cpu[name].append(cpu)
             say(
@@ -376,7 +417,7 @@ class Step:
 
 
 def sustained_step(lab: Lab, contender: Contender, rate: int, duration: float) -> Step:
-    lab.reset()
+    lab.reset(contender.table_sql)
     proc = contender.start(lab, f"rate{rate}")
     try:
         deadline = time.monotonic() + 30
@@ -505,25 +546,26 @@ def report(
     ]
     if drain:
         seed, raw = drain.median("seed design"), drain.median("raw parallel COPY")
+        names = [n for n in CONTENDERS if n in drain.rates]  # a file of an earlier run: fewer
         lines += [
             f"drain: {args.events:,} pre-filled events, median of {args.repeat}",
-            f"  {'contender':<20}{'events/s':>12}{'vs seed':>10}{'vs raw COPY':>13}",
+            f"  {'contender':<22}{'events/s':>12}{'vs seed':>10}{'vs raw COPY':>13}",
         ]
-        for name in CONTENDERS:
+        for name in names:
             rate = drain.median(name)
-            lines.append(f"  {name:<20}{rate:>12,.0f}{rate / seed:>9.2f}x{rate / raw:>12.2f}x")
+            lines.append(f"  {name:<22}{rate:>12,.0f}{rate / seed:>9.2f}x{rate / raw:>12.2f}x")
         lines.append("")
         if any(drain.cpu.values()):
             lines += [
                 "  CPU per event (µs, median) while draining: who spends it",
-                f"  {'contender':<20}{'consumer':>10}{'Redis':>8}{'Postgres':>10}{'total':>8}",
+                f"  {'contender':<22}{'consumer':>10}{'Redis':>8}{'Postgres':>10}{'total':>8}",
             ]
-            for name in CONTENDERS:
+            for name in names:
                 cpu = drain.median_cpu(name)
                 if cpu is not None:
                     parts = [cpu.consumer, cpu.redis, cpu.postgres]
                     cells = "".join(f"{v:>{w}.1f}" for v, w in zip(parts, (10, 8, 10), strict=True))
-                    lines.append(f"  {name:<20}{cells}{sum(parts):>8.1f}")
+                    lines.append(f"  {name:<22}{cells}{sum(parts):>8.1f}")
             lines.append("")
     if sustained:
         lines += [

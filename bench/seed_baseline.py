@@ -10,7 +10,9 @@ baseline down). It writes the same columns into the same table as streamd (so th
 costs both the same), and it is not given any of streamd's optimisations.
 
 Run on its own:  python -m bench.seed_baseline REDIS_URL POSTGRES_DSN [--count N]
-(exits once N events are in the table).
+(exits once N events are in the table). It writes into its own table, the seed's layout (the
+text key (stream, entry_id), one heap: bench/run.py's TEXT_KEY_TABLE), not into the partitioned
+table `streamd db init` makes now, whose key columns it would not fill.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from streamd.backends.connections import transaction
+from streamd.backends.layout import check_dlq_table, ensure_events_table
 from streamd.config.settings import Settings
 
 
@@ -27,15 +28,14 @@ async def apply_schema(conn: asyncpg.Connection, settings: Settings) -> None:
     mode: the names are set with set_config(..., is_local => true), and the lock that serializes
     concurrent starts is pg_advisory_xact_lock, released at COMMIT (a session-level advisory lock
     would stay held on whichever server connection the pooler gave us).
+    Existing tables are checked first (backends/layout.py): one that streamd cannot write into
+    safely stops it here, before anything is created or written.
     """
+    await check_dlq_table(conn, settings.dlq_table)
+    # Every events table has the same layout (events_table and each [tables.<name>]); the
+    # one dead-letter table holds the dead letters of every stream.
+    for table in settings.table_names:
+        await ensure_events_table(conn, table, settings)
     async with transaction(conn):
-        # Every events table has the same layout (events_table and each [tables.<name>]); the
-        # one dead-letter table holds the dead letters of every stream.
-        for table in settings.table_names:
-            await conn.execute(
-                "SELECT set_config('streamd.events_table', $1, true),"
-                " set_config('streamd.dlq_table', $2, true)",
-                table,
-                settings.dlq_table,
-            )
-            await conn.execute(init_sql())
+        await conn.execute("SELECT set_config('streamd.dlq_table', $1, true)", settings.dlq_table)
+        await conn.execute(init_sql())

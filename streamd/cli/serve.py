@@ -143,6 +143,52 @@ def db_init(ctx: click.Context) -> None:
     run(body)
 
 
+@db.command("partitions")
+@click.option(
+    "--upkeep",
+    is_flag=True,
+    help="First run one round of partition upkeep (create ahead, apply retention), as serve "
+    "does every maintenance_interval_s: for a cron job of the table owner.",
+)
+@click.pass_context
+def db_partitions(ctx: click.Context, upkeep: bool) -> None:
+    """List each events table's partitions: time ranges (UTC), sizes, row estimates.
+
+    Examples:
+
+    \b
+      streamd db partitions
+      streamd --set retention="30 days" db partitions --upkeep
+    """
+    from streamd.tools.partitions_admin import partition_report
+
+    def body() -> None:
+        click.echo(asyncio.run(partition_report(configured(ctx), run_upkeep=upkeep)))
+
+    run(body)
+
+
+@db.command("migrate")
+@click.pass_context
+def db_migrate(ctx: click.Context) -> None:
+    """Convert the events table to the current layout (the two-bigint key, partitioned by
+    partition_interval), online: serve may keep running. Resumable: run it again after an
+    interruption. The old table is kept as <table>_premigrate. See docs/partitions.md.
+
+    Examples:
+
+    \b
+      streamd db migrate
+      streamd --set partition_interval=hour db migrate
+    """
+    from streamd.tools.partitions_admin import run_migrate
+
+    def body() -> None:
+        asyncio.run(run_migrate(configured(ctx), lambda line: click.echo(line, err=True)))
+
+    run(body)
+
+
 @cli.command("config")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--sources/--no-sources", default=True, help="Show where each value came from.")

@@ -94,6 +94,22 @@ class Settings:
         " every stream has its own '<stream>:dead' and this is not used.",
         kind="key",
     )
+    # --- partitions and retention (docs/partitions.md) ---
+    partition_interval: Literal["hour", "day", "week", "month", ""] = _opt(
+        "day",
+        "A new events table is partitioned by its entry IDs' time into ranges this long (UTC);"
+        ' "": one unpartitioned table. An existing table keeps its layout (streamd db migrate).',
+    )
+    retention: str = _opt(
+        "",
+        'Drop partitions entirely older than this, e.g. "30 days", "12 hours"; "": keep all.',
+        kind="retention",
+    )
+    maintenance_interval_s: float = _opt(
+        60.0,
+        "How often serve creates partitions ahead and applies retention (also done at start).",
+        min=1.0,
+    )
     dlq_table: str = _opt("dead_letter_queue", "Postgres table for dead letters.", kind="table")
     dlq_stream_maxlen: int = _opt(
         1_000_000, "Approximate cap on the dead-letter stream's length (0: no cap).", min=0

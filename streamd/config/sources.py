@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from streamd.config.durations import parse_retention
 from streamd.config.names import (
     dead_stream_name_problem,
     group_name_problem,
@@ -303,6 +304,11 @@ def _check_text(f: dataclasses.Field[Any], value: Any, where: str) -> None:
             f"{where}: {value!r} is not a valid table name "
             "(letters, digits, underscore; starts with a letter or underscore; at most 48)"
         )
+    if kind == "retention":
+        try:
+            parse_retention(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc} (got {value!r})") from None
     if kind == "key" and value and not KEY_NAME.fullmatch(value):
         raise ConfigError(
             f"{where}: {value!r} is not a valid Redis key name here "

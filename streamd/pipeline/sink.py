@@ -11,6 +11,11 @@ a pooler in transaction mode, where the next transaction may run on another serv
 If Postgres refuses a row for its data (bad JSON, bad encoding, too deep), the error names the
 COPY line, so the refused row is split off and the rest is written again inside a savepoint: one
 bad row costs one extra COPY, not a batch in the DLQ. Without a line number the batch is bisected.
+
+The table's layout (backends/layout.py) decides the COPY columns: the "ids" layout also gets the
+entry ID as two bigints (entry_ms, entry_seq). A partitioned table gets the partitions a batch's
+time needs before the batch is written (backends/partitions.py): a row for which no partition
+exists is never refused, nor taken for a bad row.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from streamd.backends import layout as layouts
+from streamd.backends import partitions
 from streamd.backends.connections import statement_scope, transaction
 from streamd.backends.sql import quote_ident
+from streamd.errors import BootError
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import ENTRY_ID, FIELDS, Rejection, Row
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
-_COLUMNS = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
 _STAGE = "streamd_stage"
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
 
@@ -45,26 +52,30 @@ ROW_ERRORS = (
 _pack_i = struct.Struct(">i").pack
 _pack_ts = struct.Struct(">iq").pack
 _pack_json = struct.Struct(">iB").pack
+# entry_ms, entry_seq: a sequence number past 2**63 (valid in Redis) is stored as its two's
+# complement, which keeps every ID distinct (it is the key), if not in order.
+_pack_ids = struct.Struct(">iqiQ").pack
 
 
-def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
-    """The binary COPY stream for rows: (stream, entry_id, event_type, payload, produced_at, meta).
+def encode_copy(row_start: bytes, rows: list[Row], with_ids: bool = False) -> memoryview:
+    """The binary COPY stream for rows: (stream, entry_id, [entry_ms, entry_seq,] event_type,
+    payload, produced_at, meta).
 
     memoryview, because asyncpg takes plain bytes for a file path.
     """
-    return encode_copy_parts([(row_start, rows)])
+    return encode_copy_parts([(row_start, rows)], with_ids)
 
 
-def encode_copy_parts(parts: list[tuple[bytes, list[Row]]]) -> memoryview:
+def encode_copy_parts(parts: list[tuple[bytes, list[Row]]], with_ids: bool = False) -> memoryview:
     """One binary COPY stream for the rows of several streams, each with its own row start."""
     out = [_HEADER]
     for row_start, rows in parts:
-        _encode_rows(out, row_start, rows)
+        _encode_rows(out, row_start, rows, with_ids)
     out.append(_TRAILER)
     return memoryview(b"".join(out))
 
 
-def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row]) -> None:
+def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row], with_ids: bool) -> None:
     extend = parts.extend
     # Per batch, encode once what repeats: a stream has few event types, and entry IDs and
     # payloads come in few lengths (the row start and the jsonb header depend only on those).
@@ -84,7 +95,12 @@ def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row]) -> None:
         if json_head is None:
             # jsonb's binary format is a version byte (1), then the JSON text.
             json_head = json_heads[size] = _pack_json(size + 1, 1)
-        extend((id_head, entry_id, type_field, json_head, payload, _pack_ts(8, produced_us)))
+        if with_ids:
+            ms, _, seq = entry_id.partition(b"-")
+            extend((id_head, entry_id, _pack_ids(8, int(ms), 8, int(seq or 0))))
+        else:
+            extend((id_head, entry_id))
+        extend((type_field, json_head, payload, _pack_ts(8, produced_us)))
         if meta is None:
             parts.append(_NULL)
         else:
@@ -115,21 +131,47 @@ class PostgresSink:
     """Writes batches into one events table and one DLQ table; a batch may hold the entries of
     several streams (each row says its stream). `stream` is the one `write` writes for."""
 
-    def __init__(self, stream: str, events_table: str, dlq_table: str) -> None:
+    def __init__(
+        self, stream: str, events_table: str, dlq_table: str, layout: str | None = None
+    ) -> None:
+        """layout: "ids" or "text" (backends/layout.py); None: found out at the first write."""
         self.stream = stream
         self.events_table = events_table
         self._row_starts: dict[str, bytes] = {}
+        self._coverage: partitions.Coverage | None = None
+        self._layout = ""
         self._events = quote_ident(events_table)
         self._dlq_insert = dlq.insert_sql(quote_ident(dlq_table))
         self._stage_create = (
             f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
             f"(LIKE {self._events} INCLUDING DEFAULTS) ON COMMIT DROP"
         )
-        cols = ", ".join(_COLUMNS)
+        if layout is not None:
+            self._use_layout(layout)
+
+    def _use_layout(self, layout: str) -> None:
+        self._layout = layout
+        self.columns = layouts.COPY_COLUMNS[layout]
+        self._row_starts.clear()
+        cols = ", ".join(self.columns)
+        # No conflict target: the table's one unique key is the one a replay hits, in either layout.
         self._stage_insert = (
             f"INSERT INTO {self._events} ({cols}) SELECT {cols} FROM {_STAGE} "
-            "ON CONFLICT (stream, entry_id) DO NOTHING"
+            "ON CONFLICT DO NOTHING"
         )
+
+    async def _resolve(self, conn: asyncpg.Connection) -> None:
+        """The table's layout, asked once (the schema was checked at start)."""
+        async with transaction(conn):  # streamd's timeouts, behind a pooler too
+            found = await layouts.inspect(conn, self.events_table)
+        if found is None:
+            raise BootError(f"table {self.events_table!r} is gone (streamd db init creates it)")
+        if isinstance(found, str):
+            raise layouts.refusal(self.events_table, found)
+        self._use_layout(found.kind)
+        self._coverage = None
+        if found.partitioned:
+            self._coverage = partitions.Coverage(self.events_table, found.interval)
 
     def _row_start(self, stream: str) -> bytes:
         """Every row starts with the column count and the (constant per stream) stream column."""
@@ -139,13 +181,13 @@ class PostgresSink:
                 self._row_starts.clear()
             name = stream.encode()
             start = self._row_starts[stream] = (
-                struct.pack(">h", len(_COLUMNS)) + _pack_i(len(name)) + name
+                struct.pack(">h", len(self.columns)) + _pack_i(len(name)) + name
             )
         return start
 
     def copy_source(self, rows: list[Row], stream: str | None = None) -> memoryview:
         """The binary COPY stream this sink sends for rows of a stream (default: `stream`)."""
-        return encode_copy(self._row_start(stream or self.stream), rows)
+        return encode_copy(self._row_start(stream or self.stream), rows, self._layout == "ids")
 
     async def write(
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
@@ -156,6 +198,28 @@ class PostgresSink:
     async def write_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> list[WriteResult]:
         """Commit every part's rows and dead-letter rows in one transaction; a result per part.
         Transient errors propagate."""
+        if not self._layout:
+            await self._resolve(conn)
+        coverage = self._coverage
+        if coverage is not None:
+            # Each part's first and last entries name its time span, almost always within one
+            # partition; a row in between that needs another one is refused, then all are seen.
+            ends = [partitions.entry_ms(p.rows[i][0]) for p in parts if p.rows for i in (0, -1)]
+            if ends:
+                await coverage.ensure(conn, ends)
+        try:
+            return await self._write_parts(conn, parts)
+        except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError) as exc:
+            if not _table_changed(exc):
+                raise
+        # A partition was dropped under us, or `streamd db migrate` swapped the table in.
+        await self._resolve(conn)
+        if self._coverage is not None:
+            every = (partitions.entry_ms(r[0]) for p in parts for r in p.rows)
+            await self._coverage.ensure(conn, every)
+        return await self._write_parts(conn, parts)
+
+    async def _write_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> list[WriteResult]:
         if any(p.rows for p in parts) and not any(p.rejects for p in parts):
             # The common case: one COPY in autocommit, one round trip, atomic on its own. If
             # Postgres refuses it for any row's sake, nothing was written: take the careful path.
@@ -163,8 +227,9 @@ class PostgresSink:
                 async with statement_scope(conn):
                     await self._copy_parts(conn, parts)
                 return [WriteResult(inserted=len(p.rows)) for p in parts]
-            except ROW_ERRORS:
-                pass
+            except ROW_ERRORS as exc:
+                if _table_changed(exc):
+                    raise
         try:
             return await self._write_with(conn, parts, self._copy)
         except asyncpg.UniqueViolationError:
@@ -198,7 +263,7 @@ class PostgresSink:
                 async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
                     inserted = await method(conn, stream, rows)
             except ROW_ERRORS as exc:
-                if isinstance(exc, asyncpg.UniqueViolationError):
+                if isinstance(exc, asyncpg.UniqueViolationError) or _table_changed(exc):
                     raise
                 if len(rows) == 1:
                     result.refused.append(_refusal(rows[0], exc))
@@ -219,16 +284,18 @@ class PostgresSink:
                 return
 
     async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> None:
-        source = encode_copy_parts([(self._row_start(p.stream), p.rows) for p in parts if p.rows])
+        source = encode_copy_parts(
+            [(self._row_start(p.stream), p.rows) for p in parts if p.rows], self._layout == "ids"
+        )
         await conn.copy_to_table(
-            self.events_table, source=source, columns=_COLUMNS, format="binary"
+            self.events_table, source=source, columns=self.columns, format="binary"
         )
 
     async def _copy(self, conn: asyncpg.Connection, stream: str, rows: list[Row]) -> int:
         await conn.copy_to_table(
             self.events_table,
             source=self.copy_source(rows, stream),
-            columns=_COLUMNS,
+            columns=self.columns,
             format="binary",
         )
         return len(rows)
@@ -238,7 +305,7 @@ class PostgresSink:
         await conn.copy_to_table(
             _STAGE,
             source=self.copy_source(rows, stream),
-            columns=_COLUMNS,
+            columns=self.columns,
             format="binary",
         )
         status = await conn.execute(self._stage_insert)
@@ -274,3 +341,14 @@ def _refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
     error = f"{field_name}: {message}" if field_name else message
     reason = _REASONS.get(exc.sqlstate or "", "rejected_by_postgres")
     return Rejection(row[ENTRY_ID], row[FIELDS], reason, f"Postgres refused the row: {error}")
+
+
+def _table_changed(exc: BaseException) -> bool:
+    """Refused for the table's sake, not the row's: no partition for its time, or the key
+    columns of the layout `streamd db migrate` swapped in while this sink wrote the old one."""
+    if partitions.is_missing_partition(exc):
+        return True
+    return isinstance(exc, asyncpg.NotNullViolationError) and getattr(exc, "column_name", None) in (
+        "entry_ms",
+        "entry_seq",
+    )

@@ -33,6 +33,7 @@ from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Consumer
+from streamd.worker.maintenance import Maintenance
 from streamd.worker.reapers import Reapers
 from streamd.worker.redis_needs import serve_needs
 from streamd.worker.stream_set import StreamSet
@@ -144,6 +145,9 @@ class Worker:
                 tasks.append(asyncio.create_task(stream_set.run(), name="discover"))
             if s.log_interval_s > 0:
                 tasks.append(asyncio.create_task(self.progress.run(), name="progress"))
+            if self.index == 0:  # partition upkeep: one per serve (one drop at a time across all)
+                upkeep = Maintenance(s, pool, self._stop).run()
+                tasks.append(asyncio.create_task(upkeep, name="maintenance"))
             tasks.extend(make(self) for make in self.hooks.extra_tasks)
             self.log.info(
                 "worker_started",

@@ -151,8 +151,10 @@ async def test_the_verifier_catches_lost_and_duplicated_events(
         pg_execute(dsn, "DELETE FROM events WHERE entry_id = $1", ids[10])
         pg_execute(
             dsn,
-            "INSERT INTO events (stream, entry_id, event_type, payload, produced_at) "
-            "SELECT stream, $2, event_type, payload, produced_at FROM events WHERE entry_id = $1",
+            "INSERT INTO events (stream, entry_id, entry_ms, entry_seq, event_type, payload,"
+            " produced_at) SELECT stream, $2, split_part($2, '-', 1)::bigint, 999, event_type,"
+            " payload, produced_at"
+            " FROM events WHERE entry_id = $1",
             ids[20],
             ids[-1].partition("-")[0] + "-999",
         )

@@ -273,9 +273,16 @@ def test_db_init_is_idempotent(env: dict[str, str]) -> None:
         assert "schema ready" in result.stdout
     tables = pg_fetch(
         env["STREAMD_POSTGRES_DSN"],
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+        "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        " AND relkind IN ('r', 'p') AND NOT relispartition ORDER BY 1",
     )
-    assert [t["tablename"] for t in tables] == ["dead_letter_queue", "events"]
+    assert [t["relname"] for t in tables] == ["dead_letter_queue", "events"]
+    # The default partition_interval ("day"): today's partition and the next two, made once.
+    parts = pg_fetchval(
+        env["STREAMD_POSTGRES_DSN"],
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass",
+    )
+    assert parts == 3
 
 
 def test_configured_names_are_used_and_quoted(

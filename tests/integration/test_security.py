@@ -409,8 +409,9 @@ def test_sql_keywords_as_table_names_work_because_they_are_quoted(
     # One entry is already in the table, as after a crash between COMMIT and XACK.
     pg_execute(
         dsn,
-        """INSERT INTO "select" (stream, entry_id, event_type, payload, produced_at)
-           VALUES ('events', $1, 't', '{"i": 0}', now())""",
+        """INSERT INTO "select" (stream, entry_id, entry_ms, entry_seq, event_type, payload,
+           produced_at) VALUES ('events', $1, split_part($1, '-', 1)::bigint,
+           split_part($1, '-', 2)::bigint, 't', '{"i": 0}', now())""",
         ids[0],
     )
     serve = start_serve(environ=environ)
@@ -478,8 +479,9 @@ def test_serve_as_the_least_privilege_role_with_a_replay_and_dead_letters(
     ids = xadd(url, [event("t", {"i": i}) for i in range(20)] + [{"type": "t", "data": "nope"}])
     pg_execute(  # committed before a crash, never acknowledged: the batch replays (TEMP table)
         owner,
-        "INSERT INTO events (stream, entry_id, event_type, payload, produced_at) "
-        "VALUES ('events', $1, 't', '{\"i\": 0}', now())",
+        "INSERT INTO events (stream, entry_id, entry_ms, entry_seq, event_type, payload,"
+        " produced_at) VALUES ('events', $1, split_part($1, '-', 1)::bigint,"
+        " split_part($1, '-', 2)::bigint, 't', '{\"i\": 0}', now())",
         ids[0],
     )
     # debug: batch_flushed, whose duplicates are counted below
