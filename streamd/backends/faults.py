@@ -52,6 +52,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,  # a failover demoted the server we talk to
+    # Redis Cluster: a slot moved (MOVED, ASK), a master failed over (CLUSTERDOWN while its
+    # replica takes over), a slot not yet in the client's map. The slot map is refreshed
+    # (backends/cluster.py) and the command sent again; redis-py follows MOVED itself.
+    redis.exceptions.AskError,  # MovedError too
+    redis.exceptions.ClusterDownError,  # MasterDownError too
+    redis.exceptions.SlotNotCoveredError,
     redis.exceptions.NoPermissionError,  # an ACL revoked while running (see module doc)
     asyncpg.InterfaceError,  # connection closed or in a bad state
     asyncpg.exceptions._base.InternalClientError,  # protocol state after a cut connection
@@ -74,6 +80,8 @@ _PG_PERMANENT_STATES = ("57P04",)  # database_dropped
 _REDIS_TRANSIENT = (
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.ClusterDownError,
     redis.exceptions.OutOfMemoryError,
 )
 _REDIS_TRANSIENT_PREFIXES = ("BUSY ", "MASTERDOWN ")  # redis-py has no class of its own for these

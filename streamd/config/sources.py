@@ -226,6 +226,8 @@ def _parse(f: dataclasses.Field[Any], raw: Sourced) -> Any:
             parsed = _parse_int(value)
         elif kind == "float":
             parsed = _parse_float(value)
+        elif kind.startswith("bool | Literal"):
+            parsed = "auto" if str(value).strip().lower() == "auto" else _parse_bool(value)
         elif kind.startswith("int | Literal"):
             parsed = value if value == "auto" else _parse_int(value)
         elif kind.startswith("Literal"):

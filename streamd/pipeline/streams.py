@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
+from streamd.backends.cluster import TOPOLOGY_ERRORS, KeyConnections
 from streamd.backends.redis_groups import ensure_group, group_gone
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import RawEntry, Rejection
@@ -32,8 +33,12 @@ class RawConnection:
     command reconnects. `client_id` is the current connection's CLIENT ID, for CLIENT UNBLOCK.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._pool = client.connection_pool
+    def __init__(self, client: aioredis.Redis, key: str = "") -> None:
+        # In a Redis Cluster: a connection to the node serving `key`'s slot, found again after
+        # MOVED, a failover or a lost node (backends/cluster.py). On one Redis: any.
+        self._source = KeyConnections(client)
+        self._key = key
+        self._stale = False  # the slot map may be out of date: refresh it before reconnecting
         self._conn: AbstractConnection | None = None
         self._lock = asyncio.Lock()
         self.client_id: int | None = None
@@ -45,25 +50,40 @@ class RawConnection:
         async with self._lock:
             try:
                 if self._conn is None:
+                    if self._stale:
+                        await self._source.refresh()
+                        self._stale = False
                     # Checked out of the client's pool and kept: closing the client closes it.
-                    self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                    self._conn = await self._source.acquire(self._key)
                 conn = self._conn
                 if not conn.is_connected:
                     self.client_id = None
-                    await conn.connect()
+                    await conn.connect()  # type: ignore[no-untyped-call]
                 if self.client_id is None and self.ask_client_id:
                     try:
                         self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
                     except redis.exceptions.NoPermissionError:
                         self.ask_client_id = False
                 return await self._exchange(conn, args)
+            except TOPOLOGY_ERRORS:
+                await self._drop()  # in step, but talking to a node that no longer serves us
+                raise
             except redis.exceptions.ResponseError:
                 raise  # an error reply: the connection is in step and stays
             except BaseException:
                 self.client_id = None
                 if self._conn is not None:
                     await self._conn.disconnect(nowait=True)
+                self._stale = self._source.clustered
                 raise
+
+    async def _drop(self) -> None:
+        self.client_id = None
+        self._stale = True
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.disconnect(nowait=True)
+            await self._source.release(conn)
 
     @staticmethod
     async def _exchange(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
@@ -73,7 +93,7 @@ class RawConnection:
     async def aclose(self) -> None:
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
-            await self._pool.release(self._conn)
+            await self._source.release(self._conn)
             self._conn = None
 
 
@@ -100,7 +120,7 @@ class GroupStream:
         self.consumer = consumer
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
-        self.raw = RawConnection(client)
+        self.raw = RawConnection(client, stream)
 
     @property
     def client_id(self) -> int | None:

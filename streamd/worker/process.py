@@ -21,7 +21,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import uvloop
 
-from streamd.backends.connections import pooler_in_use, postgres_pool, redis_client
+from streamd.backends.connections import (
+    pooler_in_use,
+    postgres_pool,
+    redis_client,
+    resolve_cluster,
+)
 from streamd.backends.faults import describe
 from streamd.backends.preflight import preflight
 from streamd.backends.redis_acl import Refusal, grant, username
@@ -110,6 +115,8 @@ class Worker:
             heartbeat.cancel()
             raise
         self._warn_degraded(degraded)
+        # Redis answered: decide redis_cluster = auto now, and with it the dead streams' names.
+        self.settings = s = resolve_cluster(s)
         pool = await postgres_pool(s, size=s.tasks + 1)
         control = redis_client(s, max_connections=s.tasks + 8)
         # Consumers read over connections of their own made from this client's settings; its
