@@ -67,7 +67,8 @@ def dead_local_pid(consumer: str, host: str | None) -> int | None:
 
 
 class Reaper:
-    """One per worker process; its consumer name is `<host>:<pid>:reaper`."""
+    """The recovery of one stream; its consumer name is `<host>:<pid>:reaper`. A worker runs one
+    per stream it consumes, a few streams per round (worker/reapers.py)."""
 
     def __init__(
         self, settings: Settings, client: aioredis.Redis, stream: GroupStream, writer: BatchWriter
@@ -75,6 +76,7 @@ class Reaper:
         self.settings = settings
         self.client = client
         self.stream = stream
+        self.name = stream.stream
         self.writer = writer
         self.log = get_logger(consumer=stream.consumer)
         self._stopping = asyncio.Event()
@@ -93,10 +95,10 @@ class Reaper:
             try:
                 await self.run_once()
             except Exception as exc:
-                await self._round_failed(exc)
+                await self.round_failed(exc)
             await wait_event(self._stopping, self.settings.reaper_interval_s)
 
-    async def _round_failed(self, exc: BaseException) -> None:
+    async def round_failed(self, exc: BaseException) -> None:
         """A round that failed is tried again next interval: the stream or group recreated if
         they are gone, a transient fault (a permission revoked, too) logged. Others propagate."""
         try:
@@ -120,8 +122,8 @@ class Reaper:
         """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
         the round's error handling, like any NOGROUP."""
         s = self.settings
-        groups = await self.client.xinfo_groups(s.stream)
-        self._watch.check(s.stream, s.group, groups, self.log)
+        groups = await self.client.xinfo_groups(self.name)
+        self._watch.check(self.name, s.group, groups, self.log)
 
     # --- reclaim ---------------------------------------------------------------------------
 
@@ -135,7 +137,7 @@ class Reaper:
             reply = await command(
                 self.client,
                 "XAUTOCLAIM",
-                s.stream,
+                self.name,
                 s.group,
                 self.stream.consumer,
                 s.claim_min_idle_ms,
@@ -172,7 +174,7 @@ class Reaper:
             return 0
         s = self.settings
         handled = 0
-        for info in await self.client.xinfo_consumers(s.stream, s.group):
+        for info in await self.client.xinfo_consumers(self.name, s.group):
             name = as_text(info["name"])
             if dead_local_pid(name, self.host) is None:
                 continue
@@ -191,13 +193,13 @@ class Reaper:
         handled = 0
         while not self._stopping.is_set():
             rows = await self.client.xpending_range(
-                s.stream, s.group, min="-", max="+", count=s.batch_size, consumername=dead
+                self.name, s.group, min="-", max="+", count=s.batch_size, consumername=dead
             )
             ids = [_raw_id(row["message_id"]) for row in rows]
             if not ids:
                 break
             entries = await command(
-                self.client, "XCLAIM", s.stream, s.group, self.stream.consumer, min_idle, *ids
+                self.client, "XCLAIM", self.name, s.group, self.stream.consumer, min_idle, *ids
             )
             # Entries deleted from the stream meanwhile come back as nothing: drop those.
             entries = [e for e in entries if e is not None and e[1] is not None]
@@ -244,7 +246,7 @@ class Reaper:
         first, last = entries[0][0], entries[-1][0]
         # xpending_range, not a raw XPENDING: redis-py would parse that reply as the summary form.
         rows = await self.client.xpending_range(
-            self.settings.stream,
+            self.name,
             self.settings.group,
             min=first,
             max=last,
@@ -259,7 +261,7 @@ class Reaper:
         """Delete consumers idle longer than consumer_idle_delete_ms that own nothing."""
         s = self.settings
         deleted: list[str] = []
-        for info in await self.client.xinfo_consumers(s.stream, s.group):
+        for info in await self.client.xinfo_consumers(self.name, s.group):
             name = as_text(info["name"])
             if int(info["pending"]) or int(info["idle"]) < s.consumer_idle_delete_ms:
                 continue
@@ -271,7 +273,7 @@ class Reaper:
 
     async def _delete_if_idle(self, consumer: str) -> Any:
         s = self.settings
-        return await DELETE_IF_IDLE.call(self.client, keys=[s.stream], args=[s.group, consumer])
+        return await DELETE_IF_IDLE.call(self.client, keys=[self.name], args=[s.group, consumer])
 
     # --- trim ------------------------------------------------------------------------------
 
@@ -284,7 +286,7 @@ class Reaper:
         # work per call, to keep Redis responsive; repeat until it has caught up with the group.
         removed = 0
         while not self._stopping.is_set():
-            step = int(await self.client.xtrim(self.settings.stream, minid=minid, approximate=True))
+            step = int(await self.client.xtrim(self.name, minid=minid, approximate=True))
             removed += step
             if step == 0:
                 break
@@ -296,14 +298,14 @@ class Reaper:
         """The lowest ID any group still needs: its oldest pending entry, else the entry after its
         last delivered one. None when the stream has no group (then nothing is known to be done).
         """
-        groups = await self.client.xinfo_groups(self.settings.stream)
+        groups = await self.client.xinfo_groups(self.name)
         if not groups:
             return None
         needed: list[tuple[int, int]] = []
         for group in groups:
             name = as_text(group["name"])
             if int(group["pending"]):
-                summary = await self.client.xpending(self.settings.stream, name)
+                summary = await self.client.xpending(self.name, name)
                 if summary["min"] is None:
                     return None  # acked in between: decide next round, never guess
                 needed.append(id_key(as_text(summary["min"])))
