@@ -81,6 +81,10 @@ _PROBES: dict[str, Callable[[str, Need], tuple[Any, ...]]] = {
     "hget": lambda k, n: ("HGET", k, PROBE_FIELD),
     "hset": lambda k, n: ("HSET", k, PROBE_FIELD, "", PROBE_FIELD),  # odd pairs: refused after
     "hdel": lambda k, n: ("HDEL", k, PROBE_FIELD),
+    # k: a key pattern (streamd:live:<group>:*), a key that never exists
+    "set": lambda k, n: ("SET", k, "", "XX"),  # XX: only if it exists
+    "exists": lambda k, n: ("EXISTS", k),
+    "del": lambda k, n: ("DEL", k),
     "evalsha": lambda k, n: ("EVALSHA", NO_SCRIPT, len(_keys(n)), *_keys(n)),
     "script|load": lambda k, n: ("SCRIPT", "LOAD", n.script.source if n.script else "return 0"),
 }

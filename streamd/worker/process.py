@@ -12,7 +12,6 @@ import contextlib
 import gc
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Consumer
+from streamd.worker.liveness import Liveness, worker_prefix
 from streamd.worker.reapers import Reapers
 from streamd.worker.redis_needs import serve_needs
 from streamd.worker.stream_set import StreamSet
@@ -65,10 +65,6 @@ class WorkerTaskFailed(StreamdError):
     The worker exits with 1 and the supervisor restarts it (a crash, counted for crash loops)."""
 
 
-def consumer_prefix() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class Worker:
     def __init__(self, settings: Settings, index: int = 0, hooks: WorkerHooks | None = None):
         self.settings = settings
@@ -80,6 +76,8 @@ class Worker:
         self.stream_set: StreamSet | None = None
         self._wakers: set[asyncio.Task[None]] = set()
         self.progress: ProgressLog | None = None
+        self.liveness: Liveness | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._may_unblock = True  # CLIENT UNBLOCK allowed (False once the ACL refused it)
         self._fast = False
@@ -136,12 +134,18 @@ class Worker:
             self.stream_set = stream_set = StreamSet(s, control)
             await stream_set.refresh()
             routes = Routes(s, pool, _both(self.hooks.observer, self.progress.observe))
-            prefix = consumer_prefix()
+            prefix = worker_prefix(s)
+            # Our key exists before any consumer of ours does: reapers elsewhere never see one
+            # of our consumers without it.
+            self.liveness = Liveness(s, control, prefix)
+            await self.liveness.renew()
+            # Not among `tasks`: it runs until the drain is over, not until the drain starts.
+            self._liveness_task = asyncio.create_task(self.liveness.run(), name="liveness")
             for i in range(s.tasks):
                 readers.append(self._reader(read_client, f"{prefix}:{i}", stream_set))
                 self.consumers.append(Consumer(s, readers[-1], stream_set, routes))
             readers.append(self._reader(control, f"{prefix}:reaper", stream_set))
-            self.reaper = Reapers(s, control, readers[-1], stream_set, routes)
+            self.reaper = Reapers(s, control, readers[-1], stream_set, routes, self.liveness)
             for i, consumer in enumerate(self.consumers):
                 tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
@@ -166,9 +170,12 @@ class Worker:
                 self.hooks.on_ready()
             await self._until_stopped(tasks)
             await self._drain(tasks, control)
+            await self._release_liveness()
         finally:
             # The heartbeat goes on until everything is closed: a worker on its way out is not
             # a hung one, and the supervisor must see it exit, not kill it 30 s later.
+            if self._liveness_task is not None:
+                self._liveness_task.cancel()  # a worker that failed: its key expires
             try:
                 await self._close(tasks, readers, [read_client, control], pool)
             finally:
@@ -194,6 +201,17 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT_S)
         await _close_pool(pool)
+
+    async def _release_liveness(self) -> None:
+        """After a complete drain nothing of ours is pending: let reapers know at once. After
+        an incomplete one the key expires by itself, and they take over what is left."""
+        if self.liveness is None:
+            return
+        self.liveness.stop()
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.liveness.release(), timeout=CLOSE_TIMEOUT_S)
 
     def _warn_degraded(self, degraded: list[Refusal]) -> None:
         """One warning per effect of the optional permissions Redis's ACL refuses."""
