@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from streamd.dev.cluster import LocalRedisCluster
+from tests.support.helpers import ServeProcess
 
 _ids = itertools.count(1)
 
@@ -81,3 +82,43 @@ def delete_keys(cluster: LocalRedisCluster, pattern: str) -> None:
 def cluster_client(cluster: LocalRedisCluster) -> redis.RedisCluster:
     """A synchronous cluster client, for tests to produce and inspect."""
     return redis.RedisCluster.from_url(cluster.url)
+
+
+# ---------------------------------------------------------------------------------------------
+# serves as separate hosts
+
+
+def host_wrapper(hostname: str) -> tuple[str, ...]:
+    """A command prefix that runs a program as on a host of its own: new PID, UTS and mount
+    namespaces (its pids start at 1, /proc shows only its own processes) and `hostname`. Two
+    serves started this way with one hostname look exactly alike by hostname and pid."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) not installed")
+    return (
+        *(unshare, "--pid", "--uts", "--mount", "--mount-proc", "--fork", "--kill-child"),
+        *("sh", "-c", 'hostname "$0" && exec "$@"', hostname),
+    )
+
+
+@pytest.fixture
+def start_host(tmp_path: Path, server_root: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """start_host(hostname, environ, *serve_args) -> `streamd serve` on a host of its own
+    (host_wrapper), with a state directory of its own; killed with its namespace afterwards."""
+    started: list[ServeProcess] = []
+
+    def start(hostname: str, environ: dict[str, str], *args: str) -> ServeProcess:
+        n = next(_ids)
+        state = tmp_path / f"host-{n}-state"
+        proc = ServeProcess(
+            {**environ, "STREAMD_STATE_DIR": str(state)},
+            *args,
+            log_dir=tmp_path / "logs",
+            wrapper=host_wrapper(hostname),
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.close()
