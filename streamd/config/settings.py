@@ -17,7 +17,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from streamd.config.cpus import available_cpus
-from streamd.config.sharding import dead_stream_of, expand_shards
+from streamd.config.sharding import dead_stream_of, expand_shards, logical_stream
 from streamd.config.tables import TableSpec, route
 
 ENV_PREFIX = "STREAMD_"
@@ -219,7 +219,7 @@ class Settings:
 
     def table_for(self, stream: str) -> str:
         """The table a stream's entries go to."""
-        spec = route(self.tables, stream)
+        spec = route(self.tables, stream) or route(self.tables, logical_stream(stream))
         return spec.name if spec is not None else self.events_table
 
     @property

@@ -15,6 +15,7 @@ when not empty) or else by the whole key. Two keys a script touches must share a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from streamd.config.tables import is_pattern
@@ -47,6 +48,15 @@ def expand_shards(names: Iterable[str], shards: int) -> tuple[str, ...]:
     for name in names:
         out.extend((name,) if is_pattern(name) else shard_keys(name, shards))
     return tuple(dict.fromkeys(out))
+
+
+_SHARD = re.compile(r"(.+):\{(\d+)\}")
+
+
+def logical_stream(key: str) -> str:
+    """The logical stream of a shard key (`events:{3}` -> `events`); other keys: themselves."""
+    found = _SHARD.fullmatch(key)
+    return found.group(1) if found else key
 
 
 def dead_stream_of(stream: str, cluster: bool) -> str:

@@ -29,6 +29,7 @@ from streamd.backends.connections import (
 from streamd.backends.faults import describe
 from streamd.backends.preflight import preflight
 from streamd.backends.redis_acl import Refusal, grant, username
+from streamd.backends.shards import check_shrink
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.log import bind_context, get_logger
@@ -118,6 +119,7 @@ class Worker:
         self._warn_degraded(degraded)
         # Redis answered: decide redis_cluster = auto now, and with it the dead streams' names.
         self.settings = s = resolve_cluster(s)
+        await self._check_shards()
         pool = await postgres_pool(s, size=s.tasks + 1)
         control = redis_client(s, max_connections=s.tasks + 8)
         # Consumers read over connections of their own made from this client's settings; its
@@ -201,6 +203,14 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT_S)
         await _close_pool(pool)
+
+    async def _check_shards(self) -> None:
+        """Refuse to start when a shard beyond `shards` still holds work (backends/shards.py)."""
+        client = redis_client(self.settings)
+        try:
+            await check_shrink(client, self.settings)
+        finally:
+            await client.aclose()
 
     async def _release_liveness(self) -> None:
         """After a complete drain nothing of ours is pending: let reapers know at once. After

@@ -14,8 +14,16 @@ from streamd import Producer
 from streamd.config.settings import Settings
 from streamd.config.sharding import shard_keys
 from streamd.dev.cluster import LocalRedisCluster
+from streamd.errors import EXIT_BOOT
 from tests.support.cluster import cluster_client
-from tests.support.helpers import ServeProcess, count_rows, pg_fetch, wait_until
+from tests.support.helpers import (
+    ServeProcess,
+    count_rows,
+    event,
+    pg_fetch,
+    redis_client,
+    wait_until,
+)
 from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,3 +78,26 @@ def test_serve_consumes_every_shard_on_the_cluster(
             lambda: sum(int(client.xpending(k, group)["pending"]) for k in keys) == 0, timeout=30
         )
     assert serve.poll() is None
+
+
+def test_shrinking_while_a_shard_holds_entries_is_refused(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    url = env["STREAMD_REDIS_URL"]
+    with redis_client(url) as r:
+        for key in shard_keys("events", 3):
+            r.xgroup_create(key, "streamd", id="0", mkstream=True)
+        r.xadd("events:{2}", event("left", {"n": 1}))  # undelivered, in the shard to drop
+    serve = start_serve(environ={**env, "STREAMD_SHARDS": "2"})
+    assert serve.wait(30) == EXIT_BOOT
+    last = serve.output().strip().splitlines()[-1]
+    assert last.startswith("streamd: error: stream 'events': shard 'events:{2}' still holds")
+    assert "set shards back to at least 3" in last and "Traceback" not in serve.output()
+
+    # Drained (its group has it, acknowledged), the same shrink starts.
+    with redis_client(url) as r:
+        (entry,) = r.xreadgroup("streamd", "drainer", {"events:{2}": ">"})[0][1]
+        r.xack("events:{2}", "streamd", entry[0])
+    serve = start_serve(environ={**env, "STREAMD_SHARDS": "2"})
+    serve.wait_ready()
+    assert serve.terminate() == 0
