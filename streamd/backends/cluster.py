@@ -138,4 +138,23 @@ TOPOLOGY_ERRORS = (
     redis.exceptions.AskError,  # MovedError too
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,  # a write to a master demoted meanwhile
 )
+
+
+class TopologyChanged(redis.exceptions.TryAgainError):
+    """A server's role changed under a command (a failover): nothing to fix but to find the
+    slot's node again and retry, which TRANSIENT_ERRORS (a TryAgainError) lets callers do."""
+
+
+def topology_changed(exc: redis.exceptions.ResponseError) -> redis.exceptions.ResponseError | None:
+    """exc as an error the caller retries after a refresh of the slot map, or None when it is
+    about something else. A read blocked on a master that a failover demotes ends with
+    `UNBLOCKED force unblock from blocking operation, instance state changed (master ->
+    replica?)`, which redis-py knows no class for."""
+    if isinstance(exc, TOPOLOGY_ERRORS):
+        return exc
+    text = str(exc)
+    if text.startswith("UNBLOCKED") and "state changed" in text:
+        return TopologyChanged(text)
+    return None

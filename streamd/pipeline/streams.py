@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
-from streamd.backends.cluster import TOPOLOGY_ERRORS, KeyConnections
+from streamd.backends.cluster import KeyConnections, topology_changed
 from streamd.backends.redis_groups import ensure_group, group_gone
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import RawEntry, Rejection
@@ -70,11 +70,14 @@ class RawConnection:
                     except redis.exceptions.NoPermissionError:
                         self.ask_client_id = False
                 return await self._exchange_many(conn, commands)
-            except TOPOLOGY_ERRORS:
+            except redis.exceptions.ResponseError as exc:
+                retry = topology_changed(exc)
+                if retry is None:
+                    raise  # an error reply: the connection is in step and stays
                 await self._drop()  # in step, but talking to a node that no longer serves us
-                raise
-            except redis.exceptions.ResponseError:
-                raise  # an error reply: the connection is in step and stays
+                if retry is exc:
+                    raise
+                raise retry from exc
             except BaseException:
                 if self._source.clustered:
                     await self._drop()  # the node may be gone: find the slot's node again
