@@ -13,6 +13,7 @@ from streamd.config.sharding import dead_stream_of
 from streamd.dev.cluster import LocalRedisCluster
 from tests.support.cluster import cluster_client
 from tests.support.helpers import ServeProcess, count_rows, wait_until
+from tests.support.streamd_cli import explain, run_streamd
 
 
 def _pending(cluster: LocalRedisCluster, stream: str, group: str) -> int:
@@ -47,3 +48,9 @@ def test_serve_detects_the_cluster_and_ingests_exactly_once(
         assert client.xlen(dead) == 6
     assert not [line for line in serve.logs() if "CROSSSLOT" in str(line)]
     assert count_rows(dsn) == 2994  # and no duplicate on top
+
+    # The operator's view finds the same dead stream, with redis_cluster left at auto.
+    listing = run_streamd(cluster_env, "dlq", "list", "--json", "--limit", "10")
+    assert listing.returncode == 0, explain(listing)
+    found = orjson.loads(listing.stdout)
+    assert (found["count"], found["stream_length"]) == (6, 6)
