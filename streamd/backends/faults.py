@@ -41,7 +41,12 @@ POSTGRES_FAULTS = (
 
 # Likewise for Redis (redis-py turns socket errors into its ConnectionError; ssl.SSLError is an
 # OSError).
-REDIS_FAULTS = (redis.exceptions.RedisError, OSError)
+REDIS_FAULTS = (
+    redis.exceptions.RedisError,
+    OSError,
+    # The cluster client's own: no slot map yet, or redis_cluster = true on a single Redis.
+    redis.exceptions.RedisClusterException,
+)
 
 # --- in flight --------------------------------------------------------------------------------
 
@@ -100,6 +105,9 @@ def _redis_heals(exc: redis.exceptions.RedisError) -> bool:
 
 def needs_operator(exc: BaseException) -> bool:
     """At start: True when no restart can fix the fault (a boot error), False for an outage."""
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        # "Cluster mode is not enabled on this node": redis_cluster = true, a single Redis.
+        return "not enabled" in str(exc)
     if isinstance(exc, redis.exceptions.RedisError):
         text = str(exc)
         if isinstance(exc, redis.exceptions.AuthenticationError) or any(

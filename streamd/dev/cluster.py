@@ -87,6 +87,7 @@ class LocalRedisCluster:
     node_timeout_ms: int = NODE_TIMEOUT_MS
     start_timeout_s: float = START_TIMEOUT_S
     nodes: list[ClusterNode] = field(default_factory=list, init=False)
+    _started: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir).absolute()
@@ -110,6 +111,12 @@ class LocalRedisCluster:
 
     # --- life cycle ---
     def start(self) -> Self:
+        if not self._started:
+            # Left by an earlier cluster on other ports: its nodes.conf would name those.
+            for node in self.nodes:
+                if not node.is_running():
+                    shutil.rmtree(node.dir, ignore_errors=True)
+            self._started = True
         for node in self.nodes:
             node.start()
         if self.nodes[0].cluster_info().get("cluster_known_nodes") != str(len(self.nodes)):

@@ -9,13 +9,15 @@ In a Redis Cluster a command may only name keys of one slot (else CROSSSLOT), so
 read per slot, each slot over a connection of its own to the node serving it (streams that share
 a slot move together, so that connection's routing stays right through resharding and
 failovers). The slots are read at once; with several, a read first asks every slot without
-blocking, and only when all are empty blocks on all of them for at most CLUSTER_BLOCK_MS, so an
-entry on one node never waits for another node's BLOCK to end.
+blocking, and only when all are empty blocks on all of them (for at most CLUSTER_BLOCK_MS): the
+first to answer ends the read and the others are woken with CLIENT UNBLOCK, so an entry on one
+node never waits for another node's BLOCK to end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -129,10 +131,28 @@ class GroupReader:
     ) -> list[StreamEntries]:
         """One read per slot, all at once. What was delivered is returned even when another
         slot's read failed (that one is asked again next time); all failed: the first error."""
-        results = await asyncio.gather(
-            *(self._read(self.raw_for(k[0]), k, count, block_ms, own_pending) for k in slots),
-            return_exceptions=True,
-        )
+        reads = {
+            asyncio.create_task(self._read(self.raw_for(k[0]), k, count, block_ms, own_pending)): (
+                self.raw_for(k[0])
+            )
+            for k in slots
+        }
+        try:
+            if block_ms is None:
+                await asyncio.wait(reads)
+            else:
+                # Blocked: the first slot to answer ends the read; the others are woken (CLIENT
+                # UNBLOCK: they answer at once, with nothing delivered) rather than awaited.
+                _, blocked = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+                for task in blocked:
+                    with contextlib.suppress(Exception):  # no permission: it ends by itself
+                        await reads[task].unblock()
+                await asyncio.wait(reads)
+        except BaseException:
+            for task in reads:
+                task.cancel()
+            raise
+        results = [task.exception() or task.result() for task in reads]
         out: list[StreamEntries] = []
         errors: list[BaseException] = []
         for result in results:

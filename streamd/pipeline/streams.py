@@ -253,8 +253,11 @@ async def ack_all(acks: list[tuple[GroupStream, list[bytes], list[Rejection]]]) 
         if ids:
             _, commands = by_conn.setdefault(id(stream.raw), (stream.raw, []))
             commands.append(("XACK", stream.stream, stream.group, *ids))
-    for raw, commands in by_conn.values():
+    if len(by_conn) == 1:
+        raw, commands = next(iter(by_conn.values()))
         await raw.call_many(commands)
+    elif by_conn:  # in a cluster, a connection per slot: all at once
+        await asyncio.gather(*(raw.call_many(cmds) for raw, cmds in by_conn.values()))
     written = 0
     for stream, _, dead in acks:
         if dead:

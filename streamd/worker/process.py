@@ -126,8 +126,12 @@ class Worker:
         # socket timeout covers a blocked XREADGROUP (block_ms) on top of redis_timeout_s. Each
         # consumer keeps one and may borrow one more at a time (the dead-letter script): a pool
         # any smaller answers "Too many connections" when every batch has a dead letter.
+        # In a cluster a consumer keeps one per slot it reads (pipeline/reader.py): the cap is
+        # per node there, redis-py's (100).
         read_client = redis_client(
-            s, extra_timeout_s=s.block_ms / 1000, max_connections=2 * s.tasks + 2
+            s,
+            extra_timeout_s=s.block_ms / 1000,
+            max_connections=None if s.redis_cluster is True else 2 * s.tasks + 2,
         )
         readers: list[GroupReader] = []
         tasks: list[asyncio.Task[None]] = []

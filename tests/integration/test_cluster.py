@@ -11,6 +11,7 @@ import orjson
 from streamd.backends.cluster import slot_of
 from streamd.config.sharding import dead_stream_of
 from streamd.dev.cluster import LocalRedisCluster
+from streamd.errors import EXIT_BOOT
 from tests.support.cluster import cluster_client
 from tests.support.helpers import ServeProcess, count_rows, wait_until
 from tests.support.streamd_cli import explain, run_streamd
@@ -54,3 +55,19 @@ def test_serve_detects_the_cluster_and_ingests_exactly_once(
     assert listing.returncode == 0, explain(listing)
     found = orjson.loads(listing.stdout)
     assert (found["count"], found["stream_length"]) == (6, 6)
+
+
+def test_redis_cluster_true_on_a_single_redis_is_one_line_and_exit_78(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    serve = start_serve(environ={**env, "STREAMD_REDIS_CLUSTER": "true"})
+    assert serve.wait(30) == EXIT_BOOT
+    last = serve.output().strip().splitlines()[-1]
+    assert last.startswith("streamd: error: Redis at redis://127.0.0.1:")
+    assert "Cluster mode is not enabled" in last and "Traceback" not in serve.output()
+
+
+def test_a_bad_redis_cluster_value_is_a_config_error(env: dict[str, str]) -> None:
+    result = run_streamd({**env, "STREAMD_REDIS_CLUSTER": "maybe"}, "config")
+    assert result.returncode == 2, explain(result)
+    assert "redis_cluster (env STREAMD_REDIS_CLUSTER)" in result.stderr
