@@ -150,7 +150,6 @@ class WorkerMetrics:
     def observe(self, report: BatchReport) -> None:
         if report.stream not in self._streams:
             self._add_stream(report.stream)
-        self.batches.inc()
         if report.inserted:
             self.ingested.labels(report.stream).inc(report.inserted)
         if report.duplicates:
@@ -158,6 +157,9 @@ class WorkerMetrics:
         if report.dead:
             for reason, count in Tally(r.reason for r in report.dead).items():
                 self.dead.labels(reason, report.stream).inc(count)
+        if not report.leads:  # another stream's share of a batch already counted
+            return
+        self.batches.inc()
         self.batch_seconds.observe(report.total_s)
         self.write_seconds.observe(report.write_s)
         if report.produced_us and report.committed_at:

@@ -36,10 +36,15 @@ class BatchReport:
     dead: list[Rejection]
     write_s: float
     total_s: float
-    produced_us: list[int] = field(repr=False)  # producer times of the committed rows
+    # producer times of the committed rows: of every stream of the flush, on its leading report
+    produced_us: list[int] = field(repr=False)
     committed_at: float = 0.0  # time.time() right after COMMIT
     stream: str = ""  # the stream the batch came from
     retries: int = 0  # transient faults the write and the ack waited out
+    # A flush of several streams makes a report per stream; the first one leads: it stands for
+    # the flush (one batch, its timing, the latencies of all its rows), the others only count
+    # their stream's rows and dead letters.
+    leads: bool = True
 
 
 BatchObserver = Callable[[BatchReport], None]
@@ -126,6 +131,9 @@ class BatchWriter:
         finally:
             lease.cancel()
         total_s = time.perf_counter() - started
+        latencies = (
+            [r[PRODUCED_US] for _, committed, _ in acks for r in committed] if self.observer else []
+        )
         reports = [
             BatchReport(
                 consumer=stream.consumer,
@@ -135,13 +143,14 @@ class BatchWriter:
                 dead=dead,
                 write_s=write_s,
                 total_s=total_s,
-                produced_us=[r[PRODUCED_US] for r in committed] if self.observer else [],
+                produced_us=latencies if i == 0 else [],
                 committed_at=committed_at,
                 stream=stream.stream,
-                retries=retries,
+                retries=retries if i == 0 else 0,
+                leads=i == 0,
             )
-            for (stream, entries, _), result, (_, committed, dead) in zip(
-                parts, results, acks, strict=True
+            for i, ((stream, entries, _), result, (_, _, dead)) in enumerate(
+                zip(parts, results, acks, strict=True)
             )
         ]
         if self.observer is not None:

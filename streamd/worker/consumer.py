@@ -74,14 +74,14 @@ class Consumer:
                 await wait_event(self._stopping, min(1.0, self.settings.discover_interval_s))
                 continue
             try:
-                got = await self._fill_batch(names)
+                got, backlog = await self._fill_batch(names)
             except Exception as exc:
                 if not await self._read_failed(exc, names, backoff):
                     raise
                 continue
             backoff.reset()
             if got:
-                await self._flush(got)
+                await self._flush(got, backlog)
 
     def _current(self) -> tuple[str, ...]:
         names = self.streams.streams
@@ -90,15 +90,20 @@ class Consumer:
             self.reader.keep_only(names)
         return names
 
-    async def _flush(self, got: list[StreamEntries]) -> None:
-        """One flush per target table, each of its streams' entries in one transaction."""
-        by_table: dict[int, tuple[BatchWriter, list[InPart]]] = {}
-        for stream, entries in got:
-            writer = self.routes.writer(stream.stream)
-            by_table.setdefault(id(writer), (writer, []))[1].append((stream, entries, []))
-        for writer, parts in by_table.values():
-            reports = await writer.flush_parts(parts, self.log)
-            self._log_flush(reports)
+    async def _flush(self, got: list[StreamEntries], backlog: set[str]) -> None:
+        """One flush per target table, each of its streams' entries in one transaction. Streams
+        drained by this batch go first, in a flush of their own, then the ones with a backlog:
+        a quiet stream's few entries never wait for a big batch of another's to be written."""
+        quiet = [item for item in got if item[0].stream not in backlog]
+        busy = [item for item in got if item[0].stream in backlog]
+        for share in (quiet, busy) if quiet and busy else (got,):
+            by_table: dict[int, tuple[BatchWriter, list[InPart]]] = {}
+            for stream, entries in share:
+                writer = self.routes.writer(stream.stream)
+                by_table.setdefault(id(writer), (writer, []))[1].append((stream, entries, []))
+            for writer, parts in by_table.values():
+                reports = await writer.flush_parts(parts, self.log)
+                self._log_flush(reports)
 
     async def _read_failed(
         self, exc: BaseException, names: tuple[str, ...], backoff: Backoff
@@ -118,8 +123,9 @@ class Consumer:
         await wait_event(self._stopping, delay)
         return True
 
-    async def _fill_batch(self, names: tuple[str, ...]) -> list[StreamEntries]:
-        """Entries of up to batch_size in all, from any of the streams.
+    async def _fill_batch(self, names: tuple[str, ...]) -> tuple[list[StreamEntries], set[str]]:
+        """Entries of up to batch_size in all, from any of the streams, and the streams whose
+        last reply was full (a backlog waits there).
 
         Fair share: the first read of every batch names every stream, with COUNT the batch's
         room divided among them, so a quiet stream's entries join the very next batch whatever
@@ -133,7 +139,7 @@ class Consumer:
             own = await self.reader.read(names, count, None, own_pending=True)
             if own:
                 self.log.info("own_pending_recovered", count=sum(len(e) for _, e in own))
-                return own
+                return own, set()
             self._check_own_pending = False
         held: dict[str, StreamEntries] = {}
         total = 0
@@ -156,7 +162,7 @@ class Consumer:
             asking = [stream.stream for stream, entries in got if len(entries) >= count]
             if not asking or time.monotonic() >= deadline:
                 break  # drained, or the batch is old enough: flush now
-        return list(held.values())
+        return list(held.values()), set(asking) if held else set()
 
     def _log_flush(self, reports: list[BatchReport]) -> None:
         # One line per batch is too many for journald at speed (its default limit is 10,000

@@ -166,10 +166,10 @@ class Worker:
                 "worker_started",
                 tasks=s.tasks,
                 stream=s.stream if not s.streams else None,
-                streams=len(stream_set.streams),
                 group=s.group,
                 consumer_prefix=prefix,
                 postgres_pooler=pooler_in_use(s),
+                streams=len(stream_set.streams),
             )
             _tune_gc()
             if self.hooks.on_ready is not None:

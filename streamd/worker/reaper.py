@@ -120,19 +120,29 @@ class Reaper:
         log_fault(self.log, "reaper", exc, retry_in_s=self.settings.reaper_interval_s)
 
     async def run_once(self) -> None:
-        await self.watch_group()
-        await self.adopt_dead_local_consumers()
-        await self.reclaim()
-        await self.delete_idle_consumers()
-        if self.settings.trim:
-            await self.trim()
-
-    async def watch_group(self) -> None:
-        """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
-        the round's error handling, like any NOGROUP."""
+        """One round. A stream with nothing pending costs four commands (XINFO GROUPS and
+        CONSUMERS, read once and shared by the steps, and an XTRIM): a worker may reap 1,000."""
         s = self.settings
-        groups = await self.client.xinfo_groups(self.name)
+        groups = await self.watch_group()
+        consumers = await self.client.xinfo_consumers(self.name, s.group)
+        await self.adopt_dead_local_consumers(consumers)
+        mine = next((g for g in groups if as_text(g["name"]) == s.group), None)
+        # Nothing pending when the round began: nothing can be idle long enough to reclaim.
+        if mine is None or int(mine["pending"]):
+            await self.reclaim()
+        # Dead local consumers are adoption's: the rest are looked at for idleness.
+        others = [c for c in consumers if dead_local_pid(as_text(c["name"]), self.host) is None]
+        await self.delete_idle_consumers(others)
+        if s.trim:
+            await self.trim(groups)
+
+    async def watch_group(self) -> list[dict[Any, Any]]:
+        """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
+        the round's error handling, like any NOGROUP. Returns XINFO GROUPS."""
+        s = self.settings
+        groups: list[dict[Any, Any]] = await self.client.xinfo_groups(self.name)
         self._watch.check(self.name, s.group, groups, self.log)
+        return groups
 
     # --- reclaim ---------------------------------------------------------------------------
 
@@ -170,7 +180,9 @@ class Reaper:
 
     # --- adopt ----------------------------------------------------------------------------
 
-    async def adopt_dead_local_consumers(self) -> int:
+    async def adopt_dead_local_consumers(
+        self, consumers: list[dict[Any, Any]] | None = None
+    ) -> int:
         """Take over at once what dead consumers held, then delete those consumers: consumers of
         this serve whose process is gone (its pid no longer exists), and with liveness, any
         consumer whose worker's liveness key has expired. Returns how many entries were handled.
@@ -181,9 +193,10 @@ class Reaper:
         """
         if self.host is None and self.liveness is None:
             return 0
-        s = self.settings
         handled = 0
-        for info in await self.client.xinfo_consumers(self.name, s.group):
+        if consumers is None:
+            consumers = await self.client.xinfo_consumers(self.name, self.settings.group)
+        for info in consumers:
             name = as_text(info["name"])
             if not await self._is_dead(name):
                 continue
@@ -271,11 +284,16 @@ class Reaper:
 
     # --- consumers -------------------------------------------------------------------------
 
-    async def delete_idle_consumers(self) -> list[str]:
-        """Delete consumers idle longer than consumer_idle_delete_ms that own nothing."""
+    async def delete_idle_consumers(
+        self, consumers: list[dict[Any, Any]] | None = None
+    ) -> list[str]:
+        """Delete consumers idle longer than consumer_idle_delete_ms that own nothing (of
+        `consumers`, an XINFO CONSUMERS reply, when given)."""
         s = self.settings
         deleted: list[str] = []
-        for info in await self.client.xinfo_consumers(self.name, s.group):
+        if consumers is None:
+            consumers = await self.client.xinfo_consumers(self.name, s.group)
+        for info in consumers:
             name = as_text(info["name"])
             if int(info["pending"]) or int(info["idle"]) < s.consumer_idle_delete_ms:
                 continue
@@ -291,9 +309,11 @@ class Reaper:
 
     # --- trim ------------------------------------------------------------------------------
 
-    async def trim(self) -> int:
-        """XTRIM MINID to the oldest entry any group still needs; returns entries removed."""
-        minid = await self.oldest_needed_id()
+    async def trim(self, groups: list[dict[Any, Any]] | None = None) -> int:
+        """XTRIM MINID to the oldest entry any group still needs (by `groups`, an XINFO GROUPS
+        reply of a moment ago, when given: the bound only moves forward); returns entries
+        removed."""
+        minid = await self.oldest_needed_id(groups)
         if minid is None:
             return 0
         # An approximate trim (whole listpack nodes only: cheap) does at most ~10,000 entries of
@@ -308,11 +328,12 @@ class Reaper:
             self.log.debug("stream_trimmed", removed=removed, minid=minid)
         return removed
 
-    async def oldest_needed_id(self) -> str | None:
+    async def oldest_needed_id(self, groups: list[dict[Any, Any]] | None = None) -> str | None:
         """The lowest ID any group still needs: its oldest pending entry, else the entry after its
         last delivered one. None when the stream has no group (then nothing is known to be done).
         """
-        groups = await self.client.xinfo_groups(self.name)
+        if groups is None:
+            groups = await self.client.xinfo_groups(self.name)
         if not groups:
             return None
         needed: list[tuple[int, int]] = []

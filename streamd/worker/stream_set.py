@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from streamd.backends.discovery import MAX_STREAMS, resolve_streams
+from streamd.backends.discovery import MAX_STREAMS, SCAN_COUNT, resolve_streams
 from streamd.backends.faults import TRANSIENT_ERRORS
 from streamd.backends.redis_groups import ensure_group
 from streamd.common.aio import wait_event
+from streamd.common.text import as_text
 from streamd.config.settings import Settings
 from streamd.config.tables import is_pattern
 from streamd.observability.log import get_logger
@@ -57,6 +58,8 @@ class StreamSet:
             self.client, s.stream_names, dead_stream=s.dlq_stream, limit=MAX_STREAMS
         )
         self._warn(found.unmatched, found.truncated)
+        if self.refreshes == 0:
+            await self._warn_other_types(found.streams)
         known = set(self.streams)
         ready = []
         for name in found.streams:
@@ -105,6 +108,26 @@ class StreamSet:
                 "another serve for the rest",
             )
         self._truncated = truncated
+
+    async def _warn_other_types(self, streams: tuple[str, ...]) -> None:
+        """Once, at start: keys a pattern matches that are not streams (a list, a hash) are
+        never read; say so, since the operator may expect them consumed."""
+        known = set(streams)
+        for pattern in (n for n in self.settings.stream_names if is_pattern(n)):
+            others = [
+                key
+                async for key in self.client.scan_iter(match=pattern, count=SCAN_COUNT)
+                if as_text(key) not in known
+            ]
+            others = [k for k in others if await self.client.type(k) not in (b"stream", "stream")]
+            if others:
+                self.log.warning(
+                    "stream_pattern_skipped_keys",
+                    pattern=pattern,
+                    count=len(others),
+                    keys=sorted(as_text(k) for k in others)[:10],
+                    note="keys of another type than stream are never consumed",
+                )
 
     async def run(self) -> None:
         """Discover again every discover_interval_s until stop(); a fault is logged and the

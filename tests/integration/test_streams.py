@@ -50,6 +50,9 @@ def test_names_and_patterns_routed_to_tables_with_the_stream_column(
     env["STREAMD_DISCOVER_INTERVAL_S"] = "0.2"
     add(url, "tenant:a", 30)
     add(url, "unrelated", 5)
+    with redis_client(url) as r:  # keys of other types that the pattern matches: skipped
+        r.rpush("tenant:list", "x")
+        r.hset("tenant:hash", "f", "v")
     serve = start_serve()
     serve.wait_ready()
     add(url, "orders", 40)
@@ -73,6 +76,10 @@ def test_names_and_patterns_routed_to_tables_with_the_stream_column(
     with redis_client(url) as r:
         assert r.xinfo_groups("unrelated") == []  # never consumed
     assert serve.events("streams_discovered")
+    [skipped] = serve.events("stream_pattern_skipped_keys")
+    assert skipped["keys"] == ["tenant:hash", "tenant:list"]
+    with redis_client(url) as r:
+        assert r.lrange("tenant:list", 0, -1) == [b"x"]
     assert serve.terminate() == 0
 
 
