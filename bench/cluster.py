@@ -6,8 +6,9 @@ printing one table:
   `streamd serve`, against the same events in one stream on the single Redis (target >= 0.8x);
 - sustained: --rate (default 10,000) events/s over the 6 shards for --duration seconds: p50/p99
   end-to-end (producer send time -> Postgres commit time; target p99 <= 100 ms);
-- takeover: two serves as two hosts on the cluster at --takeover-rate events/s, one SIGKILLed:
-  p99 and max end-to-end of the run's events (target p99 <= liveness_ttl_s + 2 s).
+- takeover: two serves on the cluster at --takeover-rate events/s, one SIGKILLed while its
+  batches wait in COPY: p99 and max end-to-end of the entries it held (target p99 <=
+  liveness_ttl_s + 2 s).
 
     uv run python -m bench.cluster
     uv run python -m bench.cluster --quick
@@ -37,6 +38,7 @@ from streamd.config.sharding import shard_keys
 from streamd.dev.cluster import LocalRedisCluster
 
 SHARDS = 6
+LOCK_S = 0.5  # takeover: how long the table is locked around the kill
 
 
 def serve(lab: Lab, tag: str, url: str, **env: str) -> subprocess.Popen[bytes]:
@@ -161,8 +163,9 @@ def sustained(lab: Lab, url: str, rate: int, duration: float) -> tuple[float, fl
 
 
 def takeover(lab: Lab, url: str, rate: int, ttl_s: float) -> tuple[int, float, float, int]:
-    """Two serves (instance ids bench-a, bench-b), bench-b SIGKILLed mid-run: how many entries
-    it held, and their p99 and max end-to-end (send -> commit by the survivor)."""
+    """Two serves (instance ids bench-a, bench-b), bench-b SIGKILLed mid-run while Postgres
+    holds every batch for LOCK_S: how many entries it held, and their p99 and max end-to-end
+    (send -> commit by the survivor; LOCK_S of it is the lock's)."""
     lab.reset()
     groups_ready(url)
     env = {
@@ -193,8 +196,17 @@ def takeover(lab: Lab, url: str, rate: int, ttl_s: float) -> tuple[int, float, f
         async def go() -> tuple[int, list[tuple[str, str]]]:
             producing = asyncio.create_task(paced(url, rate, 8.0, "takeover"))
             await asyncio.sleep(3.0)
-            os.killpg(victim.pid, signal.SIGKILL)
-            held = await asyncio.to_thread(_held_by, url, "bench-b:")
+            # Every consumer waits in COPY for LOCK_S, holding its batch: the victim dies holding
+            # entries, as a serve killed mid-write does.
+            lock = await asyncpg.connect(lab.dsn)
+            try:
+                async with lock.transaction():
+                    await lock.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+                    await asyncio.sleep(LOCK_S)
+                    os.killpg(victim.pid, signal.SIGKILL)
+                    held = await asyncio.to_thread(_held_by, url, "bench-b:")
+            finally:
+                await lock.close()
             sent = await producing
             await latency(lab.dsn, "takeover", sent, timeout_s=120)
             return sent, held
