@@ -121,15 +121,13 @@ class Reaper:
 
     async def run_once(self) -> None:
         """One round. A stream with nothing pending costs four commands (XINFO GROUPS and
-        CONSUMERS, read once and shared by the steps, and an XTRIM): a worker may reap 1,000."""
+        CONSUMERS, read once and shared by the steps, XAUTOCLAIM and XTRIM): a worker may reap
+        1,000."""
         s = self.settings
         groups = await self.watch_group()
         consumers = await self.client.xinfo_consumers(self.name, s.group)
         await self.adopt_dead_local_consumers(consumers)
-        mine = next((g for g in groups if as_text(g["name"]) == s.group), None)
-        # Nothing pending when the round began: nothing can be idle long enough to reclaim.
-        if mine is None or int(mine["pending"]):
-            await self.reclaim()
+        await self.reclaim()
         # Dead local consumers are adoption's: the rest are looked at for idleness.
         others = [c for c in consumers if dead_local_pid(as_text(c["name"]), self.host) is None]
         await self.delete_idle_consumers(others)
