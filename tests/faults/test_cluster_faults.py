@@ -132,10 +132,10 @@ def test_kill_9_of_a_whole_serve_its_entries_are_taken_over(
 ) -> None:
     cluster = make_cluster()
     environ = _environ(env, cluster)
-    survivor = start_host("host-a", environ)
-    victim = start_host("host-b", environ)
-    survivor.wait_ready()
-    victim.wait_ready()
+    survivors = [start_host("host-a", environ), start_host("host-c", environ)]
+    victim = start_host("host-b", environ)  # three serves in one group
+    for serve in [*survivors, victim]:
+        serve.wait_ready()
     stream = environ["STREAMD_STREAM"]
     with producing(cluster.url, rate=800, stream=stream, cluster=True) as producer:
         _rows_grow(environ, 1000)
@@ -147,3 +147,4 @@ def test_kill_9_of_a_whole_serve_its_entries_are_taken_over(
     # claim_min_idle_ms is 10 minutes: settling within the wait is the liveness key's doing.
     result = _settle(environ, producer, timeout=60)
     assert result.exact, result.summary()
+    assert all(serve.poll() is None for serve in survivors)
