@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.prometheus"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.prometheus", "tests.support.cluster"]
 
 _KINDS = ("unit", "integration", "faults")
 

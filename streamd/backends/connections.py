@@ -8,16 +8,19 @@ not to retry behind our back, so a timeout surfaces when it happens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from streamd.backends.cluster import cluster_mode, detect_cluster
 from streamd.config.settings import Settings, mask_url
 
 
@@ -64,20 +67,18 @@ _CONNECTION_CLASSES: dict[type[Any], type[Any]] = {
 RAW_REPLY_COMMANDS = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM")
 
 
-def redis_client(
+def redis_kwargs(
     settings: Settings,
     *,
-    single_connection: bool = False,
     extra_timeout_s: float = 0.0,
     max_connections: int | None = None,
     client_name: str | None = None,
-) -> aioredis.Redis:
-    """A Redis client. `extra_timeout_s` covers BLOCK time for clients that do blocking reads."""
+) -> dict[str, Any]:
+    """Arguments of a Redis client (one node or a cluster) from settings."""
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.redis_timeout_s + extra_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
         "retry": Retry(NoBackoff(), 0),
-        "single_connection_client": single_connection,
     }
     if max_connections is not None:
         kwargs["max_connections"] = max_connections
@@ -93,9 +94,65 @@ def redis_client(
             kwargs["ssl_certfile"] = settings.redis_cert_file
         if settings.redis_key_file:
             kwargs["ssl_keyfile"] = settings.redis_key_file
+    return kwargs
+
+
+def redis_client(
+    settings: Settings,
+    *,
+    single_connection: bool = False,
+    extra_timeout_s: float = 0.0,
+    max_connections: int | None = None,
+    client_name: str | None = None,
+) -> aioredis.Redis:
+    """A Redis client. `extra_timeout_s` covers BLOCK time for clients that do blocking reads.
+
+    In a Redis Cluster (redis_cluster, or detected): redis-py's RedisCluster, which offers the
+    same commands and routes each by its key (backends/cluster.py); max_connections is then
+    per node. It is typed as a Redis client, the interface streamd uses of either."""
+    kwargs = redis_kwargs(
+        settings,
+        extra_timeout_s=extra_timeout_s,
+        max_connections=max_connections,
+        client_name=client_name,
+    )
+    if cluster_mode(settings, kwargs):
+        return cast(aioredis.Redis, _cluster_client(settings, kwargs))
+    kwargs["single_connection_client"] = single_connection
     client = aioredis.Redis.from_url(settings.redis_url, **kwargs)
     pool = client.connection_pool  # no connection exists yet: they are made on first use
     pool.connection_class = _CONNECTION_CLASSES.get(pool.connection_class, pool.connection_class)
+    for command in RAW_REPLY_COMMANDS:
+        client.set_response_callback(command, _identity)
+    return client
+
+
+def resolve_cluster(settings: Settings) -> Settings:
+    """settings with redis_cluster 'auto' replaced by what Redis says, when it can be reached:
+    names that depend on it (the dead streams', config/sharding.py) are then decided once.
+    Unreachable: unchanged, and the caller's own connection reports the outage."""
+    if settings.redis_cluster != "auto":
+        return settings
+    try:
+        enabled = detect_cluster(settings, redis_kwargs(settings))
+    except (redis.exceptions.RedisError, OSError):
+        return settings
+    return dataclasses.replace(settings, redis_cluster=enabled)
+
+
+def _cluster_client(settings: Settings, kwargs: dict[str, Any]) -> RedisCluster:
+    if kwargs.pop("ssl_cert_reqs", None):
+        kwargs["ssl"] = True
+    # The URL's database: a cluster has only 0, and RedisCluster refuses any db argument.
+    url = urlsplit(settings.redis_url)._replace(path="").geturl()
+    client = RedisCluster.from_url(url, **kwargs)
+    # Nodes are made from these arguments as the client learns them: our connection classes.
+    manager = client.nodes_manager
+    found = manager.connection_kwargs.get("connection_class", aioredis.Connection)
+    manager.connection_kwargs["connection_class"] = _CONNECTION_CLASSES.get(found, found)
+    for node in manager.startup_nodes.values():
+        kind = node.connection_class
+        node.connection_class = _CONNECTION_CLASSES.get(kind, kind)
     for command in RAW_REPLY_COMMANDS:
         client.set_response_callback(command, _identity)
     return client

@@ -41,7 +41,12 @@ POSTGRES_FAULTS = (
 
 # Likewise for Redis (redis-py turns socket errors into its ConnectionError; ssl.SSLError is an
 # OSError).
-REDIS_FAULTS = (redis.exceptions.RedisError, OSError)
+REDIS_FAULTS = (
+    redis.exceptions.RedisError,
+    OSError,
+    # The cluster client's own: no slot map yet, or redis_cluster = true on a single Redis.
+    redis.exceptions.RedisClusterException,
+)
 
 # --- in flight --------------------------------------------------------------------------------
 
@@ -52,6 +57,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,  # a failover demoted the server we talk to
+    # Redis Cluster: a slot moved (MOVED, ASK), a master failed over (CLUSTERDOWN while its
+    # replica takes over), a slot not yet in the client's map. The slot map is refreshed
+    # (backends/cluster.py) and the command sent again; redis-py follows MOVED itself.
+    redis.exceptions.AskError,  # MovedError too
+    redis.exceptions.ClusterDownError,  # MasterDownError too
+    redis.exceptions.SlotNotCoveredError,
     redis.exceptions.NoPermissionError,  # an ACL revoked while running (see module doc)
     asyncpg.InterfaceError,  # connection closed or in a bad state
     asyncpg.exceptions._base.InternalClientError,  # protocol state after a cut connection
@@ -74,6 +85,8 @@ _PG_PERMANENT_STATES = ("57P04",)  # database_dropped
 _REDIS_TRANSIENT = (
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.ClusterDownError,
     redis.exceptions.OutOfMemoryError,
 )
 _REDIS_TRANSIENT_PREFIXES = ("BUSY ", "MASTERDOWN ")  # redis-py has no class of its own for these
@@ -92,6 +105,9 @@ def _redis_heals(exc: redis.exceptions.RedisError) -> bool:
 
 def needs_operator(exc: BaseException) -> bool:
     """At start: True when no restart can fix the fault (a boot error), False for an outage."""
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        # "Cluster mode is not enabled on this node": redis_cluster = true, a single Redis.
+        return "not enabled" in str(exc)
     if isinstance(exc, redis.exceptions.RedisError):
         text = str(exc)
         if isinstance(exc, redis.exceptions.AuthenticationError) or any(

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from streamd.backends.cluster import is_cluster_client
 from streamd.backends.scripts import RedisScript
 from streamd.config.settings import Settings
 
@@ -80,6 +81,10 @@ _PROBES: dict[str, Callable[[str, Need], tuple[Any, ...]]] = {
     "hget": lambda k, n: ("HGET", k, PROBE_FIELD),
     "hset": lambda k, n: ("HSET", k, PROBE_FIELD, "", PROBE_FIELD),  # odd pairs: refused after
     "hdel": lambda k, n: ("HDEL", k, PROBE_FIELD),
+    # k: a key pattern (streamd:live:<group>:*), a key that never exists
+    "set": lambda k, n: ("SET", k, "", "XX"),  # XX: only if it exists
+    "exists": lambda k, n: ("EXISTS", k),
+    "del": lambda k, n: ("DEL", k),
     "evalsha": lambda k, n: ("EVALSHA", NO_SCRIPT, len(_keys(n)), *_keys(n)),
     "script|load": lambda k, n: ("SCRIPT", "LOAD", n.script.source if n.script else "return 0"),
 }
@@ -128,19 +133,13 @@ async def refused(client: aioredis.Redis, needs: Sequence[Need], user: str) -> l
     """The needs the user's ACL refuses (all in one round trip)."""
     needs = dedupe(needs)
     if await _may_dry_run(client, user):
-        async with client.pipeline(transaction=False) as pipe:
-            for need in needs:
-                pipe.execute_command("ACL", "DRYRUN", user, *probe_args(need))
-            replies = await pipe.execute(raise_on_error=False)
+        replies = await _run_all(client, [("ACL", "DRYRUN", user, *probe_args(n)) for n in needs])
         return [
             Refusal(need, _text(reply))
             for need, reply in zip(needs, replies, strict=True)
             if not isinstance(reply, Exception) and _text(reply) != "OK"
         ]
-    async with client.pipeline(transaction=False) as pipe:
-        for need in needs:
-            pipe.execute_command(*probe_args(need))
-        replies = await pipe.execute(raise_on_error=False)
+    replies = await _run_all(client, [probe_args(need) for need in needs])
     return [
         Refusal(need, str(reply))
         for need, reply in zip(needs, replies, strict=True)
@@ -148,9 +147,35 @@ async def refused(client: aioredis.Redis, needs: Sequence[Need], user: str) -> l
     ]
 
 
+async def _run_all(client: aioredis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Each command's reply or error: in one round trip on one Redis. In a cluster, one by one
+    (at start only): a keyless command (ACL DRYRUN) cannot go in a cluster pipeline, and each
+    node checks the ACL it holds, so asking the default node answers for the ones alike."""
+    if not is_cluster_client(client):
+        async with client.pipeline(transaction=False) as pipe:
+            for args in commands:
+                pipe.execute_command(*args)
+            return list(await pipe.execute(raise_on_error=False))
+    replies: list[Any] = []
+    for args in commands:
+        try:
+            replies.append(await client.execute_command(*args, **_route(client, args)))  # type: ignore[no-untyped-call]
+        except redis.exceptions.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def _route(client: aioredis.Redis, args: tuple[Any, ...]) -> dict[str, Any]:
+    """In a cluster, ACL commands (no key) go to the default node; others by their key."""
+    if is_cluster_client(client) and args[0] == "ACL":
+        return {"target_nodes": client.get_default_node()}  # type: ignore[attr-defined]
+    return {}
+
+
 async def _may_dry_run(client: aioredis.Redis, user: str) -> bool:
+    args = ("ACL", "DRYRUN", user, "PING")
     try:
-        await client.execute_command("ACL", "DRYRUN", user, "PING")  # type: ignore[no-untyped-call]
+        await client.execute_command(*args, **_route(client, args))  # type: ignore[no-untyped-call]
     except redis.exceptions.ResponseError:  # NOPERM; or a Redis before 7.0, without DRYRUN
         return False
     return True

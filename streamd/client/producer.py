@@ -20,14 +20,23 @@ written, or its call raises.
 
 A failed round trip is never retried here: when the connection drops mid-call, Redis may or may
 not have written the batch, and only the caller can decide whether a possible duplicate is
-acceptable.
+acceptable. (A reply that says nothing ran, NOSCRIPT or a Redis Cluster's MOVED for every
+chunk, is the exception: the call is sent once more.)
+
+Sharded streams (`shards` above 1): each call goes to one shard `<stream>:{i}`, the one
+`partition_key` picks (CRC-32 of its UTF-8 bytes, modulo shards: the same key always lands in the
+same shard, so its events keep their order), or the next shard in turn without a key. With
+backpressure, max_backlog applies to each shard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import random
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Self
 
@@ -35,6 +44,7 @@ import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from streamd.backends.cluster import TOPOLOGY_ERRORS, KeyConnections
 from streamd.backends.connections import redis_client
 from streamd.backends.redis_acl import Need, database_needs, script_needs
 from streamd.backends.scripts import RedisScript
@@ -48,6 +58,7 @@ from streamd.client.errors import PartialBatch as PartialBatch
 from streamd.client.errors import ProducerError as ProducerError
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
+from streamd.config.sharding import shard_keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_DATA_BYTES = 1_048_576  # the consumer's default max_event_bytes
@@ -73,14 +84,11 @@ return ids
 def producer_needs(settings: Settings) -> list[Need]:
     """What a Producer (and `streamd produce`) runs in Redis, for its minimal ACL: the batch
     script (or one XADD), and with max_backlog the group's lag (XINFO GROUPS, else XLEN)."""
-    stream = settings.stream
-    needs = [
-        *database_needs(settings),
-        Need("client|setname"),
-        *script_needs(XADD_MANY, [stream]),
-    ]
-    if settings.max_backlog:
-        needs += [Need("xinfo|groups", stream), Need("xlen", stream)]
+    needs = [*database_needs(settings), Need("client|setname")]
+    for stream in shard_keys(settings.stream, settings.shards):
+        needs += script_needs(XADD_MANY, [stream])
+        if settings.max_backlog:
+            needs += [Need("xinfo|groups", stream), Need("xlen", stream)]
     return needs
 
 
@@ -109,6 +117,7 @@ class Producer:
         backlog_check_interval_s: float = 0.1,
         chunk_size: int = 1000,
         max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+        shards: int = 1,
         settings: Settings | None = None,
     ) -> None:
         """`group` is whose lag counts as backlog (None: the stream's length); max_backlog=None
@@ -117,6 +126,8 @@ class Producer:
             raise ValueError("max_backlog must be >= 1, or None to disable backpressure")
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
+        if shards < 1:
+            raise ValueError("shards must be >= 1")
         base = settings or Settings()
         self.settings = dataclasses.replace(base, redis_url=redis_url, stream=stream)
         self.stream = stream
@@ -127,9 +138,12 @@ class Producer:
         self.chunk_size = chunk_size
         self._encoder = Encoder(max_data_bytes)
         self._client: aioredis.Redis | None = None
-        self._gate: BacklogGate | None = None
-        self._stream_key = stream.encode()
-        self._xadd_many = XADD_MANY.evalsha_head([self._stream_key])
+        self._connections: KeyConnections | None = None
+        self._gates: dict[int, BacklogGate] = {}
+        self.shard_keys = shard_keys(stream, shards)
+        self._keys = [key.encode() for key in self.shard_keys]
+        self._xadd_heads = [XADD_MANY.evalsha_head([key]) for key in self._keys]
+        self._turn = itertools.count(random.randrange(len(self._keys)))  # round-robin start
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> Producer:
@@ -140,6 +154,7 @@ class Producer:
             "max_backlog": settings.max_backlog or None,
             "backlog_timeout_s": settings.backlog_timeout_s,
             "max_data_bytes": settings.max_event_bytes,
+            "shards": settings.shards,
             "settings": settings,
         }
         kwargs.update(overrides)
@@ -156,19 +171,36 @@ class Producer:
                 await client.aclose()
                 raise
             self._client = client
-            if self.max_backlog is not None:
-                self._gate = BacklogGate(
-                    client,
-                    self.stream,
-                    self.group,
-                    self.max_backlog,
-                    self.backlog_timeout_s,
-                    self.backlog_check_interval_s,
-                )
+            self._connections = KeyConnections(client)
         return self
 
+    def _gate(self, shard: int) -> BacklogGate | None:
+        if self.max_backlog is None or self._client is None:
+            return None
+        gate = self._gates.get(shard)
+        if gate is None:
+            gate = self._gates[shard] = BacklogGate(
+                self._client,
+                self.shard_keys[shard],
+                self.group,
+                self.max_backlog,
+                self.backlog_timeout_s,
+                self.backlog_check_interval_s,
+            )
+        return gate
+
+    def shard_of(self, partition_key: str | bytes | None) -> int:
+        """The shard a call goes to: by partition_key, else the next in turn."""
+        if len(self._keys) == 1:
+            return 0
+        if partition_key is None:
+            return next(self._turn) % len(self._keys)
+        raw = partition_key.encode() if isinstance(partition_key, str) else partition_key
+        return zlib.crc32(raw) % len(self._keys)
+
     async def aclose(self) -> None:
-        client, self._client, self._gate = self._client, None, None
+        client, self._client, self._connections = self._client, None, None
+        self._gates = {}
         if client is not None:
             await client.aclose()
 
@@ -186,24 +218,31 @@ class Producer:
 
     # --- producing ---------------------------------------------------------------------------
 
-    async def produce(self, event_type: str, data: Any) -> str:
+    async def produce(
+        self, event_type: str, data: Any, *, partition_key: str | bytes | None = None
+    ) -> str:
         """Write one event; returns its entry ID."""
         raw_type = self._encoder.event_type(event_type)
         raw_data = self._encoder.data(data)
         client = self.client
-        if self._gate is not None:
-            await self._gate.admit(1)
+        shard = self.shard_of(partition_key)
+        gate = self._gate(shard)
+        if gate is not None:
+            await gate.admit(1)
         entry_id = await client.execute_command(  # type: ignore[no-untyped-call]
-            "XADD", self._stream_key, "*", b"type", raw_type, b"data", raw_data, b"ts", _now_ms()
+            "XADD", self._keys[shard], "*", b"type", raw_type, b"data", raw_data, b"ts", _now_ms()
         )
         return as_text(entry_id)
 
-    async def produce_batch(self, events: Iterable[Event]) -> list[str]:
+    async def produce_batch(
+        self, events: Iterable[Event], *, partition_key: str | bytes | None = None
+    ) -> list[str]:
         """Write many events in one round trip; returns their entry IDs, in order.
 
-        All events are validated first: one invalid event means none is sent.
+        All events are validated first: one invalid event means none is sent. With shards, the
+        whole call goes to one shard (partition_key's, else the next in turn).
         """
-        return await self.produce_encoded(self.encode(events))
+        return await self.produce_encoded(self.encode(events), partition_key=partition_key)
 
     def encode(self, events: Iterable[Event]) -> list[bytes]:
         """Validate and encode events into the flat [type, data, ...] list produce_encoded takes.
@@ -212,30 +251,41 @@ class Producer:
         """
         return self._encoder.encode(events)
 
-    async def produce_encoded(self, flat: Sequence[bytes]) -> list[str]:
+    async def produce_encoded(
+        self, flat: Sequence[bytes], *, partition_key: str | bytes | None = None
+    ) -> list[str]:
         """Write events already validated by `encode`."""
         count = len(flat) // 2
         if count == 0:
             return []
         client = self.client
-        if self._gate is not None:
-            await self._gate.admit(count)
+        shard = self.shard_of(partition_key)
+        gate = self._gate(shard)
+        if gate is not None:
+            await gate.admit(count)
         step = self.chunk_size * 2
         ts = _now_ms()
         chunks = [(ts, *flat[i : i + step]) for i in range(0, len(flat), step)]
-        replies = await self._roundtrip(client, chunks)
+        replies = await self._roundtrip(client, shard, chunks)
         return self._collect(replies)
 
     async def _roundtrip(
-        self, client: aioredis.Redis, chunks: list[tuple[bytes, ...]], reloaded: bool = False
+        self,
+        client: aioredis.Redis,
+        shard: int,
+        chunks: list[tuple[bytes, ...]],
+        resent: bool = False,
     ) -> list[Any]:
         """One EVALSHA per chunk, all sent in one write; one reply (or error) per chunk."""
-        head = self._xadd_many
+        head = self._xadd_heads[shard]
         # hiredis' stub declares a 1-tuple where it means a tuple of any length.
         commands = [hiredis.pack_command(head + chunk) for chunk in chunks]  # type: ignore[arg-type]
-        pool = client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connections = self._connections
+        assert connections is not None  # set with _client
+        conn = await connections.acquire(self._keys[shard])
         try:
+            if not conn.is_connected:
+                await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_packed_command(commands)
             replies: list[Any] = []
             for _ in commands:
@@ -248,11 +298,15 @@ class Producer:
             await conn.disconnect(nowait=True)
             raise
         finally:
-            await pool.release(conn)
-        if not reloaded and all(_is_noscript(r) for r in replies):
+            await connections.release(conn)
+        if not resent and all(_is_noscript(r) for r in replies):
             # Redis restarted or SCRIPT FLUSH: nothing ran, so loading and resending is safe.
             await XADD_MANY.load(client)
-            return await self._roundtrip(client, chunks, reloaded=True)
+            return await self._roundtrip(client, shard, chunks, resent=True)
+        if not resent and all(isinstance(r, TOPOLOGY_ERRORS) for r in replies):
+            # The shard's slot moved or its master failed over: nothing ran either.
+            await connections.refresh()
+            return await self._roundtrip(client, shard, chunks, resent=True)
         return replies
 
     def _collect(self, replies: list[Any]) -> list[str]:
@@ -268,8 +322,12 @@ class Producer:
         return ids
 
     async def backlog(self) -> int:
-        """The backlog as backpressure sees it: the group's lag plus pending, or XLEN."""
-        return await measure_backlog(self.client, self.stream, self.group)
+        """The backlog as backpressure sees it: the group's lag plus pending, or XLEN (summed
+        over the shards)."""
+        total = 0
+        for key in self.shard_keys:
+            total += await measure_backlog(self.client, key, self.group)
+        return total
 
 
 def _is_noscript(reply: Any) -> bool:
@@ -311,11 +369,19 @@ class SyncProducer:
         self._run_loop()
         return self
 
-    def produce(self, event_type: str, data: Any) -> str:
-        return self._run_loop().run(self._producer.produce(event_type, data))
+    def produce(
+        self, event_type: str, data: Any, *, partition_key: str | bytes | None = None
+    ) -> str:
+        return self._run_loop().run(
+            self._producer.produce(event_type, data, partition_key=partition_key)
+        )
 
-    def produce_batch(self, events: Iterable[Event]) -> list[str]:
-        return self._run_loop().run(self._producer.produce_batch(events))
+    def produce_batch(
+        self, events: Iterable[Event], *, partition_key: str | bytes | None = None
+    ) -> list[str]:
+        return self._run_loop().run(
+            self._producer.produce_batch(events, partition_key=partition_key)
+        )
 
     def backlog(self) -> int:
         return self._run_loop().run(self._producer.backlog())

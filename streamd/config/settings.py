@@ -17,6 +17,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from streamd.config.cpus import available_cpus
+from streamd.config.sharding import dead_stream_of, expand_shards, logical_stream
 from streamd.config.tables import TableSpec, route
 
 ENV_PREFIX = "STREAMD_"
@@ -63,6 +64,11 @@ class Settings:
         "prepared statements kept, timeouts per transaction), 'none', or 'auto' (detected at "
         "connect: a pooler announces a session that is not the server's).",
     )
+    redis_cluster: bool | Literal["auto"] = _opt(
+        "auto",
+        "Redis Cluster mode: true, false, or 'auto' (detected: INFO cluster). In a cluster, "
+        "redis_url names any node (the others are learnt from it).",
+    )
     startup_wait_s: float = _opt(
         0.0, "At start, keep retrying unreachable Redis/Postgres this long before giving up.", min=0
     )
@@ -73,6 +79,13 @@ class Settings:
         'Streams to consume: names and glob patterns (* ? [...]), e.g. ["orders", "tenant:*"];'
         " env: comma-separated. Patterns are resolved with SCAN TYPE stream. Empty: `stream`.",
         kind="streams",
+    )
+    shards: int = _opt(
+        1,
+        "Shards of each stream named in `stream`/`streams` (not patterns): more than 1 makes"
+        " <stream>:{0} ... <stream>:{N-1}, which a Redis Cluster spreads over its masters.",
+        min=1,
+        max=1024,
     )
     discover_interval_s: float = _opt(
         10.0,
@@ -154,6 +167,18 @@ class Settings:
     consumer_idle_delete_ms: int = _opt(
         3_600_000, "Delete consumers idle this long that own no pending entries.", min=1
     )
+    instance_id: str = _opt(
+        "",
+        "This serve's name in the group (consumers are <instance_id>:<pid>:<task>); empty: "
+        "<hostname>-<random>, new at each start. Unique per running serve.",
+        kind="key",
+    )
+    liveness_ttl_s: float = _opt(
+        5.0,
+        "Each worker renews a Redis key with this TTL (every TTL/5); when it expires, any "
+        "reaper takes over the worker's entries at once, without claim_min_idle_ms.",
+        min=0.5,
+    )
     # --- supervisor ---
     graceful_timeout_s: float = _opt(
         30.0, "On TERM/INT, wait this long for children to flush and ack, then SIGKILL.", min=0.1
@@ -204,24 +229,26 @@ class Settings:
     # --- derived values ---
     @property
     def stream_names(self) -> tuple[str, ...]:
-        """What to consume: `streams` (names and patterns), or the one `stream`."""
-        return self.streams or (self.stream,)
+        """What to consume: `streams` (names and patterns), or the one `stream`; with `shards`
+        above 1, each name as its shard keys `<name>:{0}` ... (config/sharding.py)."""
+        return expand_shards(self.streams or (self.stream,), self.shards)
 
     def table_for(self, stream: str) -> str:
         """The table a stream's entries go to."""
-        spec = route(self.tables, stream)
+        spec = route(self.tables, stream) or route(self.tables, logical_stream(stream))
         return spec.name if spec is not None else self.events_table
 
     @property
     def dead_stream(self) -> str:
-        return self.dlq_stream or f"{self.stream}:dead"
+        return self.dlq_stream or dead_stream_of(self.stream, self.redis_cluster is True)
 
     def dead_stream_for(self, stream: str) -> str:
-        """A stream's dead-letter stream: `<stream>:dead`; dlq_stream only names the one of the
-        single `stream` (with `streams`, each stream has its own)."""
+        """A stream's dead-letter stream: `<stream>:dead` (in a cluster, of the stream's slot:
+        config/sharding.py); dlq_stream only names the one of the single `stream` (with
+        `streams`, each stream has its own)."""
         if stream == self.stream and not self.streams:
             return self.dead_stream
-        return f"{stream}:dead"
+        return dead_stream_of(stream, self.redis_cluster is True)
 
     @property
     def table_names(self) -> tuple[str, ...]:

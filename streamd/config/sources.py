@@ -227,6 +227,8 @@ def _parse(f: dataclasses.Field[Any], raw: Sourced) -> Any:
             parsed = _parse_int(value)
         elif kind == "float":
             parsed = _parse_float(value)
+        elif kind.startswith("bool | Literal"):
+            parsed = _parse_bool_or_auto(value)
         elif kind.startswith("int | Literal"):
             parsed = value if value == "auto" else _parse_int(value)
         elif kind.startswith("Literal"):
@@ -254,6 +256,15 @@ def _parse_bool(value: Any) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+def _parse_bool_or_auto(value: Any) -> bool | str:
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(value)
+    except ValueError:
+        raise ValueError("must be true, false or auto") from None
 
 
 def _parse_int(value: Any) -> int:

@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from streamd.backends.connections import postgres_connect, redis_client
+from streamd.backends.connections import postgres_connect, redis_client, resolve_cluster
 from streamd.backends.faults import describe
 from streamd.common.procs import pid_alive
 from streamd.config.settings import Settings
@@ -183,6 +183,7 @@ def worker_observer(settings: Settings) -> BatchObserver | None:
 
 
 async def _read_redis(settings: Settings) -> tuple[RedisStats, BacklogAges | None]:
+    settings = resolve_cluster(settings)  # a cluster's dead stream is named by its slot
     client = redis_client(settings)
     try:
         stats = await read_redis_stats(client, settings, dead_stream_optional=True)

@@ -26,7 +26,7 @@ import asyncpg
 import psutil
 import redis.asyncio as aioredis
 
-from streamd.backends.connections import postgres_connect, redis_client
+from streamd.backends.connections import postgres_connect, redis_client, resolve_cluster
 from streamd.backends.faults import describe
 from streamd.backends.sql import quote_ident
 from streamd.config.settings import Settings
@@ -220,6 +220,8 @@ class Monitor:
     @property
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
+            # In a cluster the dead stream's name depends on it (config/sharding.py).
+            self.settings = resolve_cluster(self.settings)
             self._redis = redis_client(self.settings, client_name="streamd-monitor")
         return self._redis
 

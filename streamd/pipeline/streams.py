@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
+from streamd.backends.cluster import KeyConnections, topology_changed
 from streamd.backends.redis_groups import ensure_group, group_gone
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline.envelope import RawEntry, Rejection
@@ -32,8 +33,12 @@ class RawConnection:
     command reconnects. `client_id` is the current connection's CLIENT ID, for CLIENT UNBLOCK.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._pool = client.connection_pool
+    def __init__(self, client: aioredis.Redis, key: str = "") -> None:
+        # In a Redis Cluster: a connection to the node serving `key`'s slot, found again after
+        # MOVED, a failover or a lost node (backends/cluster.py). On one Redis: any.
+        self._source = KeyConnections(client)
+        self._key = key
+        self._stale = False  # the slot map may be out of date: refresh it before reconnecting
         self._conn: AbstractConnection | None = None
         self._lock = asyncio.Lock()
         self.client_id: int | None = None
@@ -50,25 +55,64 @@ class RawConnection:
         async with self._lock:
             try:
                 if self._conn is None:
+                    if self._stale:
+                        await self._source.refresh()
+                        self._stale = False
                     # Checked out of the client's pool and kept: closing the client closes it.
-                    self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                    self._conn = await self._source.acquire(self._key)
                 conn = self._conn
                 if not conn.is_connected:
                     self.client_id = None
-                    await conn.connect()
+                    await conn.connect()  # type: ignore[no-untyped-call]
                 if self.client_id is None and self.ask_client_id:
                     try:
                         self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
                     except redis.exceptions.NoPermissionError:
                         self.ask_client_id = False
                 return await self._exchange_many(conn, commands)
-            except redis.exceptions.ResponseError:
-                raise  # an error reply: the connection is in step and stays
+            except redis.exceptions.ResponseError as exc:
+                retry = topology_changed(exc)
+                if retry is None:
+                    raise  # an error reply: the connection is in step and stays
+                await self._drop()  # in step, but talking to a node that no longer serves us
+                if retry is exc:
+                    raise
+                raise retry from exc
             except BaseException:
+                if self._source.clustered:
+                    await self._drop()  # the node may be gone: find the slot's node again
+                    raise
                 self.client_id = None
                 if self._conn is not None:
                     await self._conn.disconnect(nowait=True)
                 raise
+
+    async def unblock(self) -> None:
+        """CLIENT UNBLOCK this connection's blocked read, from a second connection to the same
+        node (in a cluster, a client id means something only on its node)."""
+        client_id = self.client_id
+        if client_id is None:
+            return
+        conn = await self._source.acquire(self._key)
+        try:
+            if not conn.is_connected:
+                await conn.connect()  # type: ignore[no-untyped-call]
+            await self._exchange(conn, ("CLIENT", "UNBLOCK", client_id))
+        except redis.exceptions.ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await self._source.release(conn)
+
+    async def _drop(self) -> None:
+        self.client_id = None
+        self._stale = True
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.disconnect(nowait=True)
+            await self._source.release(conn)
 
     @staticmethod
     async def _exchange(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
@@ -96,7 +140,7 @@ class RawConnection:
     async def aclose(self) -> None:
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
-            await self._pool.release(self._conn)
+            await self._source.release(self._conn)
             self._conn = None
 
 
@@ -125,8 +169,9 @@ class GroupStream:
         self.consumer = consumer
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
-        # Shared by every stream a consumer reads (one connection per consumer, not per stream).
-        self.raw = raw if raw is not None else RawConnection(client)
+        # Shared by the streams a consumer reads in one command (one connection per consumer,
+        # or in a cluster per slot: pipeline/reader.py).
+        self.raw = raw if raw is not None else RawConnection(client, stream)
         # A stream named in the config is created when missing; one a pattern found is not
         # (deleted, it is gone: the next discovery forgets it).
         self.create_missing = create_missing
@@ -208,8 +253,11 @@ async def ack_all(acks: list[tuple[GroupStream, list[bytes], list[Rejection]]]) 
         if ids:
             _, commands = by_conn.setdefault(id(stream.raw), (stream.raw, []))
             commands.append(("XACK", stream.stream, stream.group, *ids))
-    for raw, commands in by_conn.values():
+    if len(by_conn) == 1:
+        raw, commands = next(iter(by_conn.values()))
         await raw.call_many(commands)
+    elif by_conn:  # in a cluster, a connection per slot: all at once
+        await asyncio.gather(*(raw.call_many(cmds) for raw, cmds in by_conn.values()))
     written = 0
     for stream, _, dead in acks:
         if dead:

@@ -28,7 +28,7 @@ import click
 import orjson
 import redis.asyncio as aioredis
 
-from streamd.backends.connections import postgres_connect, redis_client
+from streamd.backends.connections import postgres_connect, redis_client, resolve_cluster
 from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import postgres_error, redis_error
 from streamd.backends.redis_acl import Need, database_needs, script_needs
@@ -315,6 +315,7 @@ async def _with_dlq(settings: Settings, work: Callable[[DeadLetters], Any]) -> A
         conn = await postgres_connect(settings)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError) as exc:
         raise postgres_error(settings, exc) from None
+    settings = resolve_cluster(settings)  # in a cluster, the dead stream's name depends on it
     client = redis_client(settings, client_name="streamd-dlq")
     try:
         return await work(DeadLetters(settings, conn, client))

@@ -12,7 +12,6 @@ import contextlib
 import gc
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +20,16 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import uvloop
 
-from streamd.backends.connections import pooler_in_use, postgres_pool, redis_client
+from streamd.backends.connections import (
+    pooler_in_use,
+    postgres_pool,
+    redis_client,
+    resolve_cluster,
+)
 from streamd.backends.faults import describe
 from streamd.backends.preflight import preflight
 from streamd.backends.redis_acl import Refusal, grant, username
+from streamd.backends.shards import check_shrink
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.log import bind_context, get_logger
@@ -33,6 +38,7 @@ from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Consumer
+from streamd.worker.liveness import Liveness, worker_prefix
 from streamd.worker.maintenance import Maintenance
 from streamd.worker.reapers import Reapers
 from streamd.worker.redis_needs import serve_needs
@@ -61,10 +67,6 @@ class WorkerTaskFailed(StreamdError):
     The worker exits with 1 and the supervisor restarts it (a crash, counted for crash loops)."""
 
 
-def consumer_prefix() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class Worker:
     def __init__(self, settings: Settings, index: int = 0, hooks: WorkerHooks | None = None):
         self.settings = settings
@@ -76,6 +78,8 @@ class Worker:
         self.stream_set: StreamSet | None = None
         self._wakers: set[asyncio.Task[None]] = set()
         self.progress: ProgressLog | None = None
+        self.liveness: Liveness | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._may_unblock = True  # CLIENT UNBLOCK allowed (False once the ACL refused it)
         self._fast = False
@@ -114,14 +118,21 @@ class Worker:
             heartbeat.cancel()
             raise
         self._warn_degraded(degraded)
+        # Redis answered: decide redis_cluster = auto now, and with it the dead streams' names.
+        self.settings = s = resolve_cluster(s)
+        await self._check_shards()
         pool = await postgres_pool(s, size=s.tasks + 1)
         control = redis_client(s, max_connections=s.tasks + 8)
         # Consumers read over connections of their own made from this client's settings; its
         # socket timeout covers a blocked XREADGROUP (block_ms) on top of redis_timeout_s. Each
         # consumer keeps one and may borrow one more at a time (the dead-letter script): a pool
         # any smaller answers "Too many connections" when every batch has a dead letter.
+        # In a cluster a consumer keeps one per slot it reads (pipeline/reader.py): the cap is
+        # per node there, redis-py's (100).
         read_client = redis_client(
-            s, extra_timeout_s=s.block_ms / 1000, max_connections=2 * s.tasks + 2
+            s,
+            extra_timeout_s=s.block_ms / 1000,
+            max_connections=None if s.redis_cluster is True else 2 * s.tasks + 2,
         )
         readers: list[GroupReader] = []
         tasks: list[asyncio.Task[None]] = []
@@ -130,12 +141,18 @@ class Worker:
             self.stream_set = stream_set = StreamSet(s, control)
             await stream_set.refresh()
             routes = Routes(s, pool, _both(self.hooks.observer, self.progress.observe))
-            prefix = consumer_prefix()
+            prefix = worker_prefix(s)
+            # Our key exists before any consumer of ours does: reapers elsewhere never see one
+            # of our consumers without it.
+            self.liveness = Liveness(s, control, prefix)
+            await self.liveness.renew()
+            # Not among `tasks`: it runs until the drain is over, not until the drain starts.
+            self._liveness_task = asyncio.create_task(self.liveness.run(), name="liveness")
             for i in range(s.tasks):
                 readers.append(self._reader(read_client, f"{prefix}:{i}", stream_set))
                 self.consumers.append(Consumer(s, readers[-1], stream_set, routes))
             readers.append(self._reader(control, f"{prefix}:reaper", stream_set))
-            self.reaper = Reapers(s, control, readers[-1], stream_set, routes)
+            self.reaper = Reapers(s, control, readers[-1], stream_set, routes, self.liveness)
             for i, consumer in enumerate(self.consumers):
                 tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
@@ -163,9 +180,12 @@ class Worker:
                 self.hooks.on_ready()
             await self._until_stopped(tasks)
             await self._drain(tasks, control)
+            await self._release_liveness()
         finally:
             # The heartbeat goes on until everything is closed: a worker on its way out is not
             # a hung one, and the supervisor must see it exit, not kill it 30 s later.
+            if self._liveness_task is not None:
+                self._liveness_task.cancel()  # a worker that failed: its key expires
             try:
                 await self._close(tasks, readers, [read_client, control], pool)
             finally:
@@ -191,6 +211,25 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT_S)
         await _close_pool(pool)
+
+    async def _check_shards(self) -> None:
+        """Refuse to start when a shard beyond `shards` still holds work (backends/shards.py)."""
+        client = redis_client(self.settings)
+        try:
+            await check_shrink(client, self.settings)
+        finally:
+            await client.aclose()
+
+    async def _release_liveness(self) -> None:
+        """After a complete drain nothing of ours is pending: let reapers know at once. After
+        an incomplete one the key expires by itself, and they take over what is left."""
+        if self.liveness is None:
+            return
+        self.liveness.stop()
+        if self._liveness_task is not None:
+            self._liveness_task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.liveness.release(), timeout=CLOSE_TIMEOUT_S)
 
     def _warn_degraded(self, degraded: list[Refusal]) -> None:
         """One warning per effect of the optional permissions Redis's ACL refuses."""
@@ -276,9 +315,9 @@ class Worker:
         if not self._may_unblock:
             return
         for consumer in self.consumers:
-            if consumer.client_id is not None:
+            if consumer.client_id is not None or consumer.reader.clustered:
                 try:
-                    await control.client_unblock(consumer.client_id)
+                    await consumer.reader.unblock()
                 except redis.exceptions.NoPermissionError as exc:
                     self._may_unblock = False
                     self.log.warning(

@@ -33,6 +33,7 @@ from streamd.pipeline.envelope import RawEntry, Rejection
 from streamd.pipeline.retry import log_fault
 from streamd.pipeline.streams import GroupStream
 from streamd.worker.group_watch import GroupWatch
+from streamd.worker.liveness import Liveness
 
 # ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an entry it read
 # a moment ago can never be orphaned. Returns -1 when it kept the consumer.
@@ -71,16 +72,24 @@ class Reaper:
     per stream it consumes, a few streams per round (worker/reapers.py)."""
 
     def __init__(
-        self, settings: Settings, client: aioredis.Redis, stream: GroupStream, writer: BatchWriter
+        self,
+        settings: Settings,
+        client: aioredis.Redis,
+        stream: GroupStream,
+        writer: BatchWriter,
+        liveness: Liveness | None = None,
     ) -> None:
         self.settings = settings
+        # Whose liveness key has expired (worker/liveness.py); None: only this host's dead pids.
+        self.liveness = liveness
         self.client = client
         self.stream = stream
         self.name = stream.stream
         self.writer = writer
         self.log = get_logger(consumer=stream.consumer)
         self._stopping = asyncio.Event()
-        # Consumers of this host are `<host>:<pid>:<task>`, like this reaper's own name.
+        # Consumers of this serve are `<instance_id>:<pid>:<task>`, like this reaper's own name:
+        # their pids are of this PID namespace, so a pid gone is a worker gone.
         parts = stream.consumer.rsplit(":", 2)
         self.host = parts[0] if len(parts) == 3 else None
         self.reclaimed = 0
@@ -172,22 +181,22 @@ class Reaper:
     async def adopt_dead_local_consumers(
         self, consumers: list[dict[Any, Any]] | None = None
     ) -> int:
-        """Take over at once what consumers of processes that died on this host held, then
-        delete those consumers. Returns how many entries were handled.
+        """Take over at once what dead consumers held, then delete those consumers: consumers of
+        this serve whose process is gone (its pid no longer exists), and with liveness, any
+        consumer whose worker's liveness key has expired. Returns how many entries were handled.
 
         claim_min_idle_ms must outlast a slow but live consumer's batch, so waiting for it delays
-        a killed worker's entries by a minute. A consumer whose process is gone (its pid no longer
-        exists on this host: killed, crashed, or a previous serve) cannot be working on anything,
-        so there is nothing to wait for.
+        a killed worker's entries by a minute. A consumer whose worker is gone (killed, crashed,
+        a previous serve, a host lost) cannot be working on anything: nothing to wait for.
         """
-        if self.host is None:
+        if self.host is None and self.liveness is None:
             return 0
         handled = 0
         if consumers is None:
             consumers = await self.client.xinfo_consumers(self.name, self.settings.group)
         for info in consumers:
             name = as_text(info["name"])
-            if dead_local_pid(name, self.host) is None:
+            if not await self._is_dead(name):
                 continue
             adopted = await self._adopt(name) if int(info["pending"]) else 0
             handled += adopted
@@ -197,6 +206,11 @@ class Reaper:
                 log = self.log.info if adopted else self.log.debug
                 log("dead_consumer_adopted", dead_consumer=name, entries=adopted)
         return handled
+
+    async def _is_dead(self, consumer: str) -> bool:
+        if dead_local_pid(consumer, self.host) is not None:
+            return True
+        return self.liveness is not None and not await self.liveness.alive(consumer)
 
     async def _adopt(self, dead: str) -> int:
         s = self.settings

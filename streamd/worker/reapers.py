@@ -16,6 +16,7 @@ from streamd.config.settings import Settings
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Streams
+from streamd.worker.liveness import Liveness
 from streamd.worker.reaper import Reaper
 
 # Streams visited per round (reaper_interval_s): with more, each is visited every
@@ -31,8 +32,10 @@ class Reapers:
         reader: GroupReader,
         streams: Streams,
         routes: Routes,
+        liveness: Liveness | None = None,
     ) -> None:
         self.settings = settings
+        self.liveness = liveness
         self.client = client
         self.reader = reader  # the reaper's own consumer name; its handles use `client`
         self.streams = streams
@@ -50,7 +53,11 @@ class Reapers:
         found = self._reapers.get(stream)
         if found is None:
             found = self._reapers[stream] = Reaper(
-                self.settings, self.client, self.reader.stream(stream), self.routes.writer(stream)
+                self.settings,
+                self.client,
+                self.reader.stream(stream),
+                self.routes.writer(stream),
+                self.liveness,
             )
         return found
 

@@ -9,6 +9,7 @@ from streamd.backends.redis_acl import Need, database_needs, script_needs
 from streamd.config.settings import Settings
 from streamd.config.tables import is_pattern
 from streamd.pipeline.dead_letters import ACK_AND_DEAD_LETTER
+from streamd.worker.liveness import liveness_key
 from streamd.worker.reaper import DELETE_IF_IDLE
 
 
@@ -60,11 +61,15 @@ def serve_needs(settings: Settings) -> list[Need]:
         for need in stream_needs(settings, name, settings.dead_stream_for(name))
     ]
     patterns = [Need("scan")] if any(is_pattern(n) for n in settings.stream_names) else []
+    alive = liveness_key(settings.group, "*")  # a pattern, as an ACL key pattern
     return [
         Need("ping"),
         *database_needs(settings),
         *per_stream,
         *patterns,
+        Need("set", alive),  # this worker's liveness key (worker/liveness.py)
+        Need("exists", alive),  # the reaper: whose key has expired
+        Need("del", alive),
         Need("client|id", effect=unblock),
         Need("client|unblock", effect=unblock),
     ]

@@ -85,7 +85,7 @@ async def test_probes_touch_nothing(acl_user: User, redis_server: RedisServer) -
 
 
 async def test_a_key_outside_the_users_patterns_is_named_with_its_rule(acl_user: User) -> None:
-    settings = settings_of(acl_user("~events", "+@all"))
+    settings = settings_of(acl_user("~events", "~streamd:live:*", "+@all"))
     with pytest.raises(BootError) as caught:
         await check_redis(settings, needs=serve_needs(settings))
     message = str(caught.value)

@@ -580,7 +580,9 @@ def test_sighup_reloads_the_config_and_replaces_children_one_by_one(
     wait_until(lambda: pending_count(url) == 0, timeout=30)
     started = serve.events("worker_started")
     assert sorted(e["tasks"] for e in started) == [2, 2, 3, 3]
-    assert {f"{socket.gethostname()}:{pid}:2" for pid in new} <= consumer_names(url)
+    # One instance id for the serve, before and after the reload; consumers named by it.
+    (instance,) = {e["consumer_prefix"].rsplit(":", 1)[0] for e in started}
+    assert {f"{instance}:{pid}:2" for pid in new} <= consumer_names(url)
     wait_until(lambda: len(serve.events("child_exited")) == 2, timeout=30)
     exits = {e["child_pid"]: e["code"] for e in serve.events("child_exited")}
     assert exits == dict.fromkeys(old, 0)  # the old children drained and exited cleanly

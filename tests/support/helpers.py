@@ -251,12 +251,14 @@ class StreamdProcess:
         log_dir: Path,
         command: tuple[str, ...] = (),
         cwd: Path | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         n = next(_serial)
         label = command[0] if command else "streamd"
         self.log_path = log_dir / f"{label}-{n}.stderr.log"
         self.stdout_path = log_dir / f"{label}-{n}.stdout.log"
-        self.argv = [sys.executable, "-m", "streamd", *command, *args]
+        # wrapper: a command that runs streamd (unshare ... for a host of its own)
+        self.argv = [*wrapper, sys.executable, "-m", "streamd", *command, *args]
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as err, open(self.stdout_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -359,9 +361,14 @@ class ServeProcess(StreamdProcess):
     """The real `streamd serve ARGS`."""
 
     def __init__(
-        self, env: Mapping[str, str], *args: str, log_dir: Path, cwd: Path | None = None
+        self,
+        env: Mapping[str, str],
+        *args: str,
+        log_dir: Path,
+        cwd: Path | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(env, *args, log_dir=log_dir, command=("serve",), cwd=cwd)
+        super().__init__(env, *args, log_dir=log_dir, command=("serve",), cwd=cwd, wrapper=wrapper)
 
     def wait_ready(self, n_workers: int = 1, timeout: float = 30.0) -> None:
         """Wait for n `worker_started` log lines (each worker logs one when its consumers read).

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import redis
 
-from tests.support.helpers import pg_fetch, pg_fetchval, redis_client
+from tests.support.helpers import pg_fetch, pg_fetchval
 
 _ALREADY_THERE = "equal or smaller than the target stream top item"
 SEND_DEADLINE_S = 120.0  # one batch may wait this long for Redis to come back, then we fail
@@ -48,9 +48,11 @@ class Producer(threading.Thread):
         batch: int = 10,
         stream: str = "events",
         run_id: str = "",
+        cluster: bool = False,
     ) -> None:
         super().__init__(daemon=True, name="producer")
         self.url, self.rate, self.batch_size, self.stream = url, rate, batch, stream
+        self.cluster = cluster  # a Redis Cluster: MULTI/EXEC on the stream's slot's master
         self.run_id = run_id or f"{time.time_ns():x}"
         self.ids: list[str] = []
         self.keys: list[str] = []
@@ -79,7 +81,7 @@ class Producer(threading.Thread):
     # --- the thread --------------------------------------------------------------------------
 
     def run(self) -> None:
-        client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+        client = sync_client(self.url, self.cluster)
         interval = self.batch_size / self.rate
         next_at = time.monotonic()
         try:
@@ -111,7 +113,7 @@ class Producer(threading.Thread):
             out.append((self._next_id(), key, fields))
         return out
 
-    def _send(self, client: redis.Redis, batch: list[tuple[str, str, dict[str, bytes]]]) -> None:
+    def _send(self, client: Any, batch: list[tuple[str, str, dict[str, bytes]]]) -> None:
         deadline = time.monotonic() + SEND_DEADLINE_S
         for attempt in itertools.count():
             try:
@@ -119,7 +121,13 @@ class Producer(threading.Thread):
                 for entry_id, _, fields in batch:
                     pipe.xadd(self.stream, fields, id=entry_id)  # type: ignore[arg-type]
                 results = pipe.execute(raise_on_error=False)
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            except (
+                redis.ConnectionError,
+                redis.TimeoutError,
+                redis.ResponseError,
+                redis.exceptions.ClusterError,  # a master failing over, a slot moving
+                redis.exceptions.RedisClusterException,
+            ) as exc:
                 # Down, cut, stalled, loading its AOF, or EXECABORT (a command refused while
                 # queued, e.g. -LOADING): nothing or everything was applied; ask again.
                 if time.monotonic() > deadline:
@@ -192,6 +200,7 @@ def outcome(
     group: str = "streamd",
     events_table: str = "events",
     dlq_table: str = "dead_letter_queue",
+    dead_stream: str | None = None,
 ) -> Outcome:
     rows = pg_fetch(
         dsn,
@@ -201,8 +210,8 @@ def outcome(
     got = {r["entry_id"] for r in rows}
     produced = set(producer.ids)
     per_key = Counter(r["k"] for r in rows)
-    with redis_client(url) as r:
-        dead_stream = int(r.xlen(f"{stream}:dead"))
+    with sync_client(url, producer.cluster) as r:
+        dead_length = int(r.xlen(dead_stream or f"{stream}:dead"))
         try:
             pending = int(r.xpending(stream, group)["pending"])
         except redis.ResponseError:
@@ -214,9 +223,16 @@ def outcome(
         unexpected=sorted(got - produced),
         duplicated=sum(n - 1 for n in per_key.values() if n > 1),
         dead_rows=int(pg_fetchval(dsn, f'SELECT count(*) FROM "{dlq_table}"')),
-        dead_stream=dead_stream,
+        dead_stream=dead_length,
         pending=pending,
     )
+
+
+def sync_client(url: str, cluster: bool = False) -> Any:
+    """A sync client of one Redis or of a cluster (redis-py's RedisCluster)."""
+    if cluster:
+        return redis.RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
 def wait_for_outcome(

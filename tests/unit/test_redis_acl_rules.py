@@ -53,7 +53,10 @@ def test_the_docs_show_the_rules_for_the_default_names() -> None:
 
 def test_a_database_other_than_0_needs_select_and_the_rule_names_the_urls_user() -> None:
     rule = acl_rules(Settings(redis_url="redis://ingest:secret@h:6379/4"))["serve"]
-    assert rule.startswith("ACL SETUSER ingest on >PASSWORD resetkeys ~events ~events:dead -@all")
+    assert rule.startswith(
+        "ACL SETUSER ingest on >PASSWORD resetkeys ~events ~events:dead "
+        "~streamd:live:streamd:* -@all"
+    )
     assert "+select" in rule and "secret" not in rule
 
 
