@@ -192,12 +192,13 @@ def _insert_latency(lat: InsertLatency | None, hint: str | None, size: int) -> s
     return text + ("n/a: " + hint.removeprefix("insert latency: ") if hint else "n/a")
 
 
-def _stream_columns(tables: bool, width: int) -> list[tuple[str, int]]:
-    """(title, width) per column; STREAM takes what the others leave."""
+def _stream_columns(table_width: int, width: int) -> list[tuple[str, int]]:
+    """(title, width) per column (no TABLE column when table_width is 0); STREAM takes what
+    the others leave."""
     rest = [("LENGTH", 8), ("LAG", 7), ("PENDING", 7), ("RATE/s", 8), ("DLQ", 5)]
     rest += [("ROWS", 9), ("LAST", 6), ("P99 ms", 7)]
-    if tables:
-        rest.insert(0, ("TABLE", 12))
+    if table_width:
+        rest.insert(0, ("TABLE", table_width))
     used = 2 + sum(w + 1 for _, w in rest)
     return [("STREAM", max(8, width - used)), *rest]
 
@@ -206,7 +207,8 @@ def _stream_lines(views: Sequence[StreamView], rows: int, snap: Snapshot, width:
     if rows <= 0 or not views:
         return []
     tables = len({v.table for v in views}) > 1
-    columns = _stream_columns(tables, width)
+    table_width = min(20, max(5, *(len(v.table) for v in views))) if tables else 0
+    columns = _stream_columns(table_width, width)
     names = 2 if tables else 1  # columns of names, left-aligned; the numbers are right-aligned
     lines: list[Line] = [
         ("  " + " ".join(_cell(t, w, i < names) for i, (t, w) in enumerate(columns)), None)

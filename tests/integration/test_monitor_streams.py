@@ -1,0 +1,182 @@
+"""`streamd monitor` over several streams against real Redis and Postgres: a line and a JSON entry
+per configured stream (names and patterns), totals scoped to those streams in each routed table,
+a warning and exit 1 for a stream that does not exist, and the real frame in a 100x30 tmux pane.
+
+The rows are written here directly (not by serve), so the figures are known exactly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from tests.support.helpers import event, pg_execute, wait_until, xadd
+from tests.support.helpers import redis_client as sync_redis
+from tests.support.streamd_cli import explain, run_streamd
+
+pytestmark = pytest.mark.timeout(120)
+
+# orders -> orders_events; tenant:* -> events (the default table), where `other`, a stream this
+# config does not name, also has rows and dead letters that must not be counted.
+ROWS = {
+    "orders": ("orders_events", "order_placed", 3),
+    "tenant:a": ("events", "signup", 2),
+    "tenant:b": ("events", "signup", 2),
+    "other": ("events", "not_ours", 4),
+}
+
+
+@pytest.fixture
+def pipeline(env: dict[str, str]) -> dict[str, str]:
+    """Streams, a group on each, rows in two tables and dead letters; returns the monitor's env."""
+    for table in ("events", "orders_events"):
+        result = run_streamd(env, "--set", f"events_table={table}", "db", "init")
+        assert result.returncode == 0, explain(result)
+    url, dsn = env["STREAMD_REDIS_URL"], env["STREAMD_POSTGRES_DSN"]
+    with sync_redis(url) as r:
+        for stream, (table, event_type, n) in ROWS.items():
+            ids = xadd(url, [event(event_type, {"i": i}) for i in range(n)], stream=stream)
+            r.xgroup_create(stream, "streamd", id="0")
+            r.xreadgroup("streamd", "c1", {stream: ">"})
+            r.xack(stream, "streamd", *(ids[:-1] if stream == "tenant:b" else ids))  # 1 pending
+            for entry_id in ids:
+                pg_execute(
+                    dsn,
+                    f"INSERT INTO {table} (stream, entry_id, event_type, payload, produced_at) "
+                    "VALUES ($1, $2, $3, '{}', now() - interval '20 ms')",
+                    stream,
+                    entry_id,
+                    event_type,
+                )
+        xadd(url, [{"data": "{}"}], stream="orders:dead")
+    for stream, reason in (("orders", "missing_type"), ("other", "invalid_json"), ("other", "x")):
+        pg_execute(
+            dsn,
+            "INSERT INTO dead_letter_queue (stream, entry_id, fields, reason, error) "
+            "VALUES ($1, $2, '{}', $3, 'bad')",
+            stream,
+            f"{time.time_ns()}-0",
+            reason,
+        )
+    r_list = sync_redis(url)
+    r_list.rpush("tenant:list", "not a stream")  # matches the pattern: skipped
+    r_list.close()
+    return {**env, "STREAMD_STREAMS": "orders,tenant:*", "STREAMD_TABLES": "orders=orders_events"}
+
+
+def test_json_has_an_entry_per_stream_and_scoped_totals(pipeline: dict[str, str]) -> None:
+    result = run_streamd(pipeline, "monitor", "--once", "--json")
+    assert result.returncode == 0, explain(result)
+    snap = orjson.loads(result.stdout)
+    streams = snap["streams"]
+    assert list(streams) == ["orders", "tenant:a", "tenant:b"]
+    assert streams["orders"]["table"] == "orders_events"
+    assert streams["tenant:a"]["table"] == "events"
+    assert {name: s["rows"] for name, s in streams.items()} == {
+        "orders": 3,
+        "tenant:a": 2,
+        "tenant:b": 2,
+    }
+    assert {name: s["stream_length"] for name, s in streams.items()} == {
+        "orders": 3,
+        "tenant:a": 2,
+        "tenant:b": 2,
+    }
+    assert streams["tenant:b"]["pending"] == 1
+    assert streams["orders"]["dlq_count"] == 1
+    assert streams["orders"]["dlq_length"] == 1
+    assert streams["orders"]["exists"] is True
+    assert streams["orders"]["latency_p50_ms"] >= 0
+    # The flat keys of a single-stream monitor: totals over the configured streams only.
+    assert snap["total_events"] == 7  # not `other`'s 4
+    assert snap["events_by_type"] == {"signup": 4, "order_placed": 3}
+    assert snap["dlq_count"] == 1
+    assert snap["dlq_by_reason"] == {"missing_type": 1}
+    assert snap["stream_length"] == 7
+    assert snap["pending"] == 1
+    assert snap["lag"] == 0
+    assert snap["events_last_minute"] == 7
+    assert snap["missing_streams"] == [] and snap["warnings"] == []
+    assert sorted(snap["tables"]) == ["events", "orders_events"]
+
+
+def test_text_has_a_line_per_stream(pipeline: dict[str, str]) -> None:
+    result = run_streamd(pipeline, "monitor", "--once")
+    assert result.returncode == 0, explain(result)
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 30 and max(map(len, lines)) <= 100, result.stdout
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("  ")}
+    assert rows["orders"][1:5] == ["orders_events", "3", "0", "0"]  # table, length, lag, pending
+    assert rows["tenant:b"][1:5] == ["events", "2", "0", "1"]
+    assert "other" not in rows
+    assert "  Total Events: 7" in result.stdout
+    assert "DLQ Count: 1  by reason: missing_type 1" in result.stdout
+    assert "\x1b[" not in result.stdout
+
+
+def test_a_stream_that_does_not_exist_is_a_warning_and_exit_1(pipeline: dict[str, str]) -> None:
+    typo = {k: v for k, v in pipeline.items() if k not in ("STREAMD_STREAMS", "STREAMD_TABLES")}
+    result = run_streamd(typo, "--set", "stream=ordrs", "monitor", "--once")
+    assert result.returncode == 1, explain(result)
+    assert "Warning: stream ordrs does not exist" in result.stdout
+    assert "  Total Events: 0" in result.stdout  # not another stream's totals
+    assert "DLQ Count: 0" in result.stdout
+    as_json = run_streamd(typo, "--set", "stream=ordrs", "monitor", "--once", "--json")
+    assert as_json.returncode == 1, explain(as_json)
+    snap = orjson.loads(as_json.stdout)
+    assert snap["missing_streams"] == ["ordrs"]
+    assert snap["total_events"] == 0 and snap["events_by_type"] == {}
+
+
+def test_a_pattern_that_matches_nothing_is_only_a_warning(pipeline: dict[str, str]) -> None:
+    env = {**pipeline, "STREAMD_STREAMS": "orders,nobody:*"}
+    result = run_streamd(env, "monitor", "--once")
+    assert result.returncode == 0, explain(result)
+    assert "Warning: pattern 'nobody:*' matches no stream" in result.stdout
+    assert "  Total Events: 3" in result.stdout
+
+
+@pytest.fixture
+def tmux() -> Iterator[str]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    name = f"streamd-monitor-{time.monotonic_ns()}"
+    yield name
+    subprocess.run(["tmux", "kill-session", "-t", name], check=False, capture_output=True)
+
+
+def test_the_frame_fits_a_100x30_terminal_with_colour(pipeline: dict[str, str], tmux: str) -> None:
+    """Through tmux capture-pane: what a 100x30 terminal really shows, refreshed in place."""
+    env = {**pipeline, "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    command = "python -m streamd monitor --interval 0.5"
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", tmux, "-x", "100", "-y", "30", command],
+        env=env,
+        check=True,
+    )
+
+    def pane(*flags: str) -> str:
+        out = subprocess.run(
+            ["tmux", "capture-pane", "-p", *flags, "-t", tmux],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout
+
+    def framed() -> str | None:
+        text = pane()
+        return text if "tenant:b" in text and "Serve Processes" in text else None
+
+    text = wait_until(framed, timeout=60)
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) <= 30 and lines[0].startswith("=====")
+    assert sum(1 for line in lines if "STREAMING PIPELINE DASHBOARD" in line) == 1  # in place
+    assert any(line.split()[:1] == ["orders"] for line in lines)
+    coloured = pane("-e")
+    assert "\x1b[31m" in coloured  # orders has a dead letter: red
