@@ -163,3 +163,30 @@ async def test_the_verifier_catches_lost_and_duplicated_events(
     assert broken.distinct == 99
     lost, duplicated = 100 - broken.distinct, broken.persisted - broken.distinct
     assert (lost, duplicated) == (1, 1)
+
+
+def test_bench_spreads_over_streams_and_checks_each(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    """--streams 2 against running serves: the first two names in `streams`, each stream's events
+    counted on its own. (One serve per stream here, so the test holds with any serve.)"""
+    for stream in ("bench_a", "bench_b"):
+        start_serve(environ={**env, "STREAMD_STREAM": stream}).wait_ready(1)
+    named = {**env, "STREAMD_STREAMS": "bench_a,bench_b,bench_c"}
+    result = run_streamd(
+        named, "bench", "--drain", "4000", "--batch", "500", "--streams", "2", "--json", timeout=150
+    )
+    assert result.returncode == 0, explain(result)
+    report = orjson.loads(result.stdout)
+    assert report["produced"] == report["persisted"] == 4000
+    assert report["exactly_once"] is True
+    assert report["streams"] == {
+        "bench_a": {"produced": 2000, "persisted": 2000},
+        "bench_b": {"produced": 2000, "persisted": 2000},
+    }
+    assert "Writes to: 2 streams bench_a .. bench_b, table events" in result.stderr
+    assert xlen(env["STREAMD_REDIS_URL"], "bench_c") == 0
+
+    too_many = run_streamd(named, "bench", "--drain", "10", "--streams", "4")
+    assert too_many.returncode == 2, explain(too_many)
+    assert "--streams 4 without --serve" in too_many.stderr
