@@ -144,7 +144,7 @@ def _totals(snap: Snapshot) -> list[Line]:
         redelivered = sum(v.redelivered or 0 for v in snap.streams)
         line = (
             f"  Stream Length: {r.stream_length}  Pending Messages: {pending}  "
-            f"Group Lag: {_n(r.lag)}  DLQ Length: {_n(r.dlq_length)}  Consumers: {r.consumers}"
+            f"Group Lag: {_n(r.lag)}  DLQ Length: {_n(r.dlq_length)}  Consumers: {_consumers(snap)}"
             f"  Redelivered: {redelivered}"
         )
         lag = r.lag or 0
@@ -173,6 +173,14 @@ def _totals(snap: Snapshot) -> list[Line]:
     dlq = f"  DLQ Count: {p.dlq_count}  by reason: {reasons}"
     lines.append((dlq, RED if p.dlq_count else None))
     return lines
+
+
+def _consumers(snap: Snapshot) -> str:
+    """Consumers in the groups, and how many of them read lately (a dead serve's stay listed
+    until reaped: a count alone reads 10 with no serve running)."""
+    total = snap.redis.consumers if snap.redis else 0
+    active = snap.active_consumers
+    return str(total) if active is None or active == total else f"{total} ({active} active)"
 
 
 def _insert_latency(lat: InsertLatency | None, hint: str | None, size: int) -> str:

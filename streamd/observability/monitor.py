@@ -65,7 +65,8 @@ __all__ = ["InsertLatency", "Monitor", "PostgresStats", "ProcessStats", "ServeSt
 EXACT_MAX_BYTES = 32 * 1024 * 1024  # count(*) below this heap size: tens of milliseconds
 QUERY_TIMEOUT_MS = 5000
 REDELIVERY_SAMPLE = 100  # oldest pending entries per stream looked at for redeliveries
-REDELIVERY_STREAMS = 50  # streams with pending entries looked at, per refresh
+DETAIL_STREAMS = 100  # streams looked at for redeliveries and active consumers, per refresh
+ACTIVE_CONSUMER_MS = 60_000  # a consumer that tried to read within this is alive
 
 PGSS_HINT = (
     "insert latency: pg_stat_statements is not loaded (add it to shared_preload_libraries, "
@@ -142,21 +143,32 @@ class Monitor:
     get_stream_length = stream_length
     get_pending_messages = pending
 
-    async def _redelivered(self, stats: dict[str, RedisStats]) -> dict[str, int]:
-        """Per stream with pending entries: how many of its oldest were delivered more than once
-        (a batch that failed and was retried, or reclaimed from a dead consumer)."""
-        busy = [name for name, s in stats.items() if s.pending][:REDELIVERY_STREAMS]
-        if not busy:
-            return {}
+    async def _group_details(
+        self, stats: dict[str, RedisStats]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """One round trip over the streams with a group: (redelivered, active consumers).
+
+        Redelivered: of a stream's oldest pending entries, those delivered more than once (a
+        batch that failed and was retried, or reclaimed from a dead consumer). Active: consumers
+        that tried to read within ACTIVE_CONSUMER_MS; a dead serve's stay listed until reaped."""
+        grouped = [name for name, s in stats.items() if s.consumers][:DETAIL_STREAMS]
+        if not grouped:
+            return {}, {}
+        group = self.settings.group
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name in busy:
-                pipe.xpending_range(name, self.settings.group, "-", "+", REDELIVERY_SAMPLE)
+            for name in grouped:
+                pipe.xinfo_consumers(name, group)
+                pipe.xpending_range(name, group, "-", "+", REDELIVERY_SAMPLE)
             replies = await pipe.execute(raise_on_error=False)
-        return {
-            name: sum(1 for entry in reply if int(entry["times_delivered"]) > 1)
-            for name, reply in zip(busy, replies, strict=True)
-            if not isinstance(reply, Exception)
-        }
+        redelivered: dict[str, int] = {}
+        active: dict[str, int] = {}
+        for i, name in enumerate(grouped):
+            consumers, pending = replies[2 * i], replies[2 * i + 1]
+            if not isinstance(consumers, Exception):
+                active[name] = sum(1 for c in consumers if int(c["idle"]) < ACTIVE_CONSUMER_MS)
+            if not isinstance(pending, Exception):
+                redelivered[name] = sum(1 for e in pending if int(e["times_delivered"]) > 1)
+        return redelivered, active
 
     # --- Postgres ------------------------------------------------------------------------
 
@@ -388,10 +400,12 @@ class Monitor:
 
     async def _redis_views(self, views: dict[str, StreamView]) -> None:
         stats = await read_streams_stats(self.redis, self.settings, list(views))
-        redelivered = await self._redelivered(stats)
+        redelivered, active = await self._group_details(stats)
         for name, view in views.items():
             view.redis = stats[name]
-            view.redelivered = redelivered.get(name, 0 if stats[name].pending is not None else None)
+            known = stats[name].pending is not None
+            view.redelivered = redelivered.get(name, 0 if known else None)
+            view.active_consumers = active.get(name, 0 if known else None)
 
     def _rates(
         self, views: dict[str, StreamView], pg: PostgresStats | None

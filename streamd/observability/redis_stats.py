@@ -188,4 +188,8 @@ def monitor_needs(settings: Settings) -> list[Need]:
     for name in settings.stream_names:
         dead = settings.dead_stream if name == settings.stream else f"{name}{DEAD_SUFFIX}"
         needs += [Need("xlen", name), Need("xlen", dead), Need("xinfo|groups", name)]
+        needs += [
+            Need("xinfo|consumers", name, effect="no count of active consumers"),
+            Need("xpending", name, effect="no count of redelivered entries"),
+        ]
     return needs

@@ -61,6 +61,7 @@ class StreamView:
     latency_p99_ms: float | None = None
     redelivered: int | None = None  # oldest pending entries delivered more than once
     table_exists: bool | None = None  # None: Postgres not read
+    active_consumers: int | None = None  # consumers that read lately (a dead serve's do not)
 
     @property
     def missing(self) -> bool:
@@ -100,6 +101,7 @@ class StreamView:
             "latency_p50_ms": _round(self.latency_p50_ms),
             "latency_p99_ms": _round(self.latency_p99_ms),
             "redelivered": self.redelivered,
+            "active_consumers": self.active_consumers,
         }
 
 
@@ -137,6 +139,11 @@ class Snapshot:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def active_consumers(self) -> int | None:
+        known = [v.active_consumers for v in self.streams if v.active_consumers is not None]
+        return sum(known) if known else None
+
+    @property
     def missing_streams(self) -> list[str]:
         return [view.name for view in self.streams if view.missing]
 
@@ -152,6 +159,7 @@ class Snapshot:
             "lag": r.lag if r else None,
             "dlq_length": r.dlq_length if r else None,
             "consumers": r.consumers if r else None,
+            "active_consumers": self.active_consumers,
             "total_events": p.total_events if p else None,
             "total_events_estimated": p.total_estimated if p else None,
             "events_last_minute": p.events_last_minute if p else None,

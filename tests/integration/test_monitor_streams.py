@@ -6,6 +6,7 @@ The rows are written here directly (not by serve), so the figures are known exac
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
@@ -13,7 +14,12 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
+import redis
 
+import streamd.observability.monitor
+from streamd.config.sources import load_settings
+from streamd.observability.frame import render
+from streamd.observability.monitor import Monitor, Snapshot
 from tests.support.helpers import event, pg_execute, wait_until, xadd
 from tests.support.helpers import redis_client as sync_redis
 from tests.support.streamd_cli import explain, run_streamd
@@ -174,9 +180,49 @@ def test_the_frame_fits_a_100x30_terminal_with_colour(pipeline: dict[str, str], 
         return text if "tenant:b" in text and "Serve Processes" in text else None
 
     text = wait_until(framed, timeout=60)
+    assert text is not None
     lines = text.rstrip("\n").split("\n")
     assert len(lines) <= 30 and lines[0].startswith("=====")
     assert sum(1 for line in lines if "STREAMING PIPELINE DASHBOARD" in line) == 1  # in place
     assert any(line.split()[:1] == ["orders"] for line in lines)
     coloured = pane("-e")
     assert "\x1b[31m" in coloured  # orders has a dead letter: red
+
+
+def test_rate_over_the_interval_and_active_consumers(
+    pipeline: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API: a stream's rate is its entries done between two snapshots; a consumer that has
+    not read for ACTIVE_CONSUMER_MS (a dead serve's) is listed but not active."""
+    monkeypatch.setattr(streamd.observability.monitor, "ACTIVE_CONSUMER_MS", 500)
+    settings = load_settings(environ=pipeline)[0]
+    url = settings.redis_url
+    with sync_redis(url) as r:
+        r.xgroup_createconsumer("orders", "streamd", "ghost")
+        wait_until(lambda: idle_ms(r, "orders", "ghost") > 600, timeout=30)
+
+    async def two_snapshots() -> tuple[Snapshot, Snapshot]:
+        async with Monitor(settings) as m:
+            first = await m.snapshot()
+            with sync_redis(url) as r:
+                ids = xadd(url, [event("order_placed", {"i": i}) for i in range(10)], "orders")
+                r.xreadgroup("streamd", "c1", {"orders": ">"})
+                r.xack("orders", "streamd", *ids)
+            return first, await m.snapshot()
+
+    first, second = asyncio.run(two_snapshots())
+    assert first.ingest_rate_window_s == 60.0  # the first one: the last minute's average
+    rates = {v.name: v.rate for v in second.streams}
+    assert rates["orders"] is not None and rates["orders"] > 0
+    assert rates["tenant:a"] == 0.0
+    assert second.ingest_rate_window_s is not None and second.ingest_rate_window_s < 60
+    assert second.ingest_rate == pytest.approx(rates["orders"])
+    orders = next(v for v in second.streams if v.name == "orders")
+    assert (orders.redis.consumers, orders.active_consumers) == (2, 1)  # type: ignore[union-attr]
+    # The other streams' consumers read last in the fixture, long enough ago too.
+    assert "Consumers: 4 (1 active)" in render(second)
+
+
+def idle_ms(r: redis.Redis, stream: str, consumer: str) -> int:
+    found = [c for c in r.xinfo_consumers(stream, "streamd") if c["name"] == consumer.encode()]
+    return int(found[0]["idle"]) if found else 0
