@@ -51,9 +51,11 @@ class BacklogAges:
 
 
 def dead_stream_of(settings: Settings, stream: str) -> str:
-    """The dead stream of one consumed stream: `dlq_stream` (when set) is the one `stream`'s;
-    every other stream's is `<stream>:dead`."""
-    return settings.dead_stream if stream == settings.stream else f"{stream}{DEAD_SUFFIX}"
+    """The dead stream of one consumed stream: `dlq_stream` (when set) names the single
+    `stream`'s; with `streams`, every stream's is `<stream>:dead`."""
+    if stream == settings.stream and not settings.streams:
+        return settings.dead_stream
+    return f"{stream}{DEAD_SUFFIX}"
 
 
 async def configured_streams(client: aioredis.Redis, settings: Settings) -> Resolved:
@@ -186,7 +188,7 @@ def monitor_needs(settings: Settings) -> list[Need]:
     if any(is_pattern(name) for name in settings.stream_names):
         needs.append(Need("scan"))
     for name in settings.stream_names:
-        dead = settings.dead_stream if name == settings.stream else f"{name}{DEAD_SUFFIX}"
+        dead = dead_stream_of(settings, name)
         needs += [Need("xlen", name), Need("xlen", dead), Need("xinfo|groups", name)]
         needs += [
             Need("xinfo|consumers", name, effect="no count of active consumers"),
