@@ -226,3 +226,21 @@ def test_rate_over_the_interval_and_active_consumers(
 def idle_ms(r: redis.Redis, stream: str, consumer: str) -> int:
     found = [c for c in r.xinfo_consumers(stream, "streamd") if c["name"] == consumer.encode()]
     return int(found[0]["idle"]) if found else 0
+
+
+def test_at_most_1000_streams_are_read_and_the_rest_are_counted(env: dict[str, str]) -> None:
+    with sync_redis(env["STREAMD_REDIS_URL"]) as r, r.pipeline(transaction=False) as pipe:
+        for i in range(1005):
+            pipe.xadd(f"t:{i:04d}", {"type": "x", "data": "{}"})
+        pipe.execute()
+    result = run_streamd({**env, "STREAMD_STREAMS": "t:*"}, "monitor", "--once", "--json")
+    assert result.returncode == 0, explain(result)
+    snap = orjson.loads(result.stdout)
+    assert len(snap["streams"]) == 1000
+    assert snap["streams_left_out"] == 5
+    assert snap["stream_length"] == 1000
+    assert "5 more streams match: only 1000 are read" in snap["warnings"]
+    text = run_streamd({**env, "STREAMD_STREAMS": "t:*"}, "monitor", "--once")
+    lines = text.stdout.splitlines()
+    assert len(lines) <= 30 and max(map(len, lines)) <= 100, text.stdout
+    assert "  ... and " in text.stdout and " more streams (--json lists every one)" in text.stdout
