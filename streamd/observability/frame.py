@@ -166,6 +166,7 @@ def _totals(snap: Snapshot) -> list[Line]:
             f"Ingest Rate: {rate}",
             f"  Latency (produced -> ingested, last minute): p50 {_ms(p.latency_p50_ms)}  "
             f"p99 {_ms(p.latency_p99_ms)}  Last Batch: {_age(p.last_batch_age_s)} ago",
+            *_serve_latency(snap),
             _insert_latency(p.insert_latency, p.insert_latency_hint, p.table_size_bytes),
         ]
     )
@@ -173,6 +174,22 @@ def _totals(snap: Snapshot) -> list[Line]:
     dlq = f"  DLQ Count: {p.dlq_count}  by reason: {reasons}"
     lines.append((dlq, RED if p.dlq_count else None))
     return lines
+
+
+def _serve_latency(snap: Snapshot) -> list[str]:
+    lat = snap.serve_latency
+    if lat is None:
+        return []
+
+    def bound(ms: float | None) -> str:
+        if ms is None:
+            return "n/a"
+        return "> 300 s" if math.isinf(ms) else f"<= {ms:g} ms"
+
+    return [
+        f"  Latency (produced -> commit, serve's histogram, {lat.window}): "
+        f"p50 {bound(lat.p50_ms)}  p99 {bound(lat.p99_ms)}"
+    ]
 
 
 def _consumers(snap: Snapshot) -> str:

@@ -50,11 +50,19 @@ from streamd.observability.redis_stats import (
     read_redis_stats,
     read_streams_stats,
 )
+from streamd.observability.serve_latency import (
+    Buckets,
+    difference,
+    metrics_dir,
+    quantile_ms,
+    read_buckets,
+)
 from streamd.observability.serve_view import ProcessSampler, roles, serve_stats, serve_statuses
 from streamd.observability.snapshot import (
     InsertLatency,
     PostgresStats,
     ProcessStats,
+    ServeLatency,
     ServeStats,
     Snapshot,
     StreamView,
@@ -92,6 +100,7 @@ class Monitor:
         self._insert_totals: tuple[int, float] | None = None  # pg_stat_statements calls, ms
         self._done_history: deque[tuple[float, int]] = deque()
         self._watched_minute: int | None = None  # entries done in the last minute, once known
+        self._latency_buckets: dict[int, Buckets] = {}  # serve pid -> its histogram, last read
 
     async def __aenter__(self) -> Self:
         return self
@@ -383,6 +392,7 @@ class Monitor:
         remaining = min_cpu_sample_s - (time.monotonic() - started)
         if remaining > 0 and pids:
             await asyncio.sleep(remaining)
+        serve_latency = self._serve_latency([int(status["pid"]) for status in statuses])
         return Snapshot(
             taken_at=time.time(),
             stream=",".join(self.settings.stream_names),
@@ -396,6 +406,7 @@ class Monitor:
             streams=list(views.values()),
             streams_left_out=resolved.truncated if resolved else 0,
             warnings=warnings,
+            serve_latency=serve_latency,
         )
 
     async def _redis_views(self, views: dict[str, StreamView]) -> None:
@@ -429,6 +440,28 @@ class Monitor:
         if pg is None or pg.events_last_minute is None:
             return None, None
         return pg.events_last_minute / 60.0, 60.0
+
+    def _serve_latency(self, pids: list[int]) -> ServeLatency | None:
+        """p50/p99 from the serves' own latency histograms: over the last interval when every
+        serve was read before, else since they started; None with metrics off."""
+        state_dir = self.settings.resolved_state_dir()
+        total: Buckets = {}
+        fresh = False
+        for pid in pids:
+            now = read_buckets(metrics_dir(state_dir, pid))
+            if now is None:
+                continue
+            before = self._latency_buckets.get(pid)
+            fresh = fresh or before is None
+            self._latency_buckets[pid] = now
+            for bound, count in difference(now, before).items():
+                total[bound] = total.get(bound, 0.0) + count
+        for pid in set(self._latency_buckets) - set(pids):
+            del self._latency_buckets[pid]
+        if not total:
+            return None
+        window = "since start" if fresh else "last interval"
+        return ServeLatency(quantile_ms(total, 0.5), quantile_ms(total, 0.99), window)
 
     def _inserted_last_minute(self, inserted: int | None) -> int | None:
         """Entries done in the last minute from samples of a counter this monitor took (the

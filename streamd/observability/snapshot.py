@@ -5,6 +5,7 @@ nothing else, so both are pure functions of a snapshot."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,24 @@ class ServeStats:
 
 
 @dataclass(slots=True)
+class ServeLatency:
+    """Percentiles from serve's own histogram (producer time to COMMIT), as bucket bounds:
+    p99_ms = 25.0 means p99 <= 25 ms; inf: above the last bound."""
+
+    p50_ms: float | None
+    p99_ms: float | None
+    window: str  # "last interval" or "since start"
+
+    def to_json(self) -> dict[str, Any]:
+        def finite(value: float | None) -> float | None:
+            return None if value is None or math.isinf(value) else value
+
+        return {"p50_at_most": finite(self.p50_ms), "p99_at_most": finite(self.p99_ms)} | {
+            "window": self.window
+        }
+
+
+@dataclass(slots=True)
 class Snapshot:
     taken_at: float
     stream: str  # the configured names and patterns, comma-separated
@@ -137,6 +156,7 @@ class Snapshot:
     streams: list[StreamView] = field(default_factory=list)
     streams_left_out: int = 0  # beyond the cap of streams read
     warnings: list[str] = field(default_factory=list)
+    serve_latency: ServeLatency | None = None  # None: no serve with metrics on this host
 
     @property
     def active_consumers(self) -> int | None:
@@ -175,6 +195,7 @@ class Snapshot:
             "event_types": p.types_total if p else None,
             "latency_ms": {"p50": p.latency_p50_ms, "p99": p.latency_p99_ms} if p else None,
             "last_batch_age_s": _round(p.last_batch_age_s) if p else None,
+            "serve_latency_ms": self.serve_latency.to_json() if self.serve_latency else None,
             "insert_latency": dataclasses.asdict(p.insert_latency)
             if p and p.insert_latency
             else None,

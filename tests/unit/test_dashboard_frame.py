@@ -3,11 +3,15 @@ streams and event types, has a line per stream, and colours only when asked to."
 
 from __future__ import annotations
 
+import math
+
 from streamd.observability.frame import render
 from streamd.observability.redis_stats import RedisStats
+from streamd.observability.serve_latency import difference, quantile_ms
 from streamd.observability.snapshot import (
     PostgresStats,
     ProcessStats,
+    ServeLatency,
     ServeStats,
     Snapshot,
     StreamView,
@@ -126,3 +130,23 @@ def test_a_small_terminal_keeps_the_frame_inside_it() -> None:
     frame = render(snapshot([view(f"s{i}") for i in range(10)], types=10), width=60, height=12)
     fits(frame, 60, 12)
     assert frame.splitlines()[-1] == "=" * 60
+
+
+def test_serve_latency_percentiles_are_bucket_bounds() -> None:
+    before = {0.005: 10.0, 0.025: 10.0, 0.1: 10.0, math.inf: 10.0}
+    now = {0.005: 60.0, 0.025: 108.0, 0.1: 110.0, math.inf: 111.0}
+    interval = difference(now, before)  # 101 events: 50 <= 5 ms, 48 <= 25 ms, 2 <= 100, 1 more
+    assert quantile_ms(interval, 0.5) == 25.0
+    assert quantile_ms(interval, 0.99) == 100.0
+    assert quantile_ms(interval, 1.0) == math.inf
+    assert quantile_ms(difference(before, before), 0.5) is None
+    snap = snapshot([view("orders")], types=1)
+    snap.serve_latency = ServeLatency(25.0, math.inf, "last interval")
+    frame = render(snap)
+    fits(frame)
+    assert "serve's histogram, last interval): p50 <= 25 ms  p99 > 300 s" in frame
+    assert snap.to_json()["serve_latency_ms"] == {
+        "p50_at_most": 25.0,
+        "p99_at_most": None,
+        "window": "last interval",
+    }
