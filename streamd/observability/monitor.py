@@ -47,22 +47,17 @@ from streamd.observability.redis_stats import (
     RedisStats,
     configured_streams,
     dead_stream_of,
+    read_group_details,
     read_redis_stats,
     read_streams_stats,
+    sum_stats,
 )
-from streamd.observability.serve_latency import (
-    Buckets,
-    difference,
-    metrics_dir,
-    quantile_ms,
-    read_buckets,
-)
+from streamd.observability.serve_latency import LatencyWatch
 from streamd.observability.serve_view import ProcessSampler, roles, serve_stats, serve_statuses
 from streamd.observability.snapshot import (
     InsertLatency,
     PostgresStats,
     ProcessStats,
-    ServeLatency,
     ServeStats,
     Snapshot,
     StreamView,
@@ -72,9 +67,6 @@ __all__ = ["InsertLatency", "Monitor", "PostgresStats", "ProcessStats", "ServeSt
 
 EXACT_MAX_BYTES = 32 * 1024 * 1024  # count(*) below this heap size: tens of milliseconds
 QUERY_TIMEOUT_MS = 5000
-REDELIVERY_SAMPLE = 100  # oldest pending entries per stream looked at for redeliveries
-DETAIL_STREAMS = 100  # streams looked at for redeliveries and active consumers, per refresh
-ACTIVE_CONSUMER_MS = 60_000  # a consumer that tried to read within this is alive
 
 PGSS_HINT = (
     "insert latency: pg_stat_statements is not loaded (add it to shared_preload_libraries, "
@@ -100,7 +92,7 @@ class Monitor:
         self._insert_totals: tuple[int, float] | None = None  # pg_stat_statements calls, ms
         self._done_history: deque[tuple[float, int]] = deque()
         self._watched_minute: int | None = None  # entries done in the last minute, once known
-        self._latency_buckets: dict[int, Buckets] = {}  # serve pid -> its histogram, last read
+        self._latency = LatencyWatch(settings.resolved_state_dir())
 
     async def __aenter__(self) -> Self:
         return self
@@ -151,33 +143,6 @@ class Monitor:
     # The original pipeline's Monitor method names, for code written against it.
     get_stream_length = stream_length
     get_pending_messages = pending
-
-    async def _group_details(
-        self, stats: dict[str, RedisStats]
-    ) -> tuple[dict[str, int], dict[str, int]]:
-        """One round trip over the streams with a group: (redelivered, active consumers).
-
-        Redelivered: of a stream's oldest pending entries, those delivered more than once (a
-        batch that failed and was retried, or reclaimed from a dead consumer). Active: consumers
-        that tried to read within ACTIVE_CONSUMER_MS; a dead serve's stay listed until reaped."""
-        grouped = [name for name, s in stats.items() if s.consumers][:DETAIL_STREAMS]
-        if not grouped:
-            return {}, {}
-        group = self.settings.group
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in grouped:
-                pipe.xinfo_consumers(name, group)
-                pipe.xpending_range(name, group, "-", "+", REDELIVERY_SAMPLE)
-            replies = await pipe.execute(raise_on_error=False)
-        redelivered: dict[str, int] = {}
-        active: dict[str, int] = {}
-        for i, name in enumerate(grouped):
-            consumers, pending = replies[2 * i], replies[2 * i + 1]
-            if not isinstance(consumers, Exception):
-                active[name] = sum(1 for c in consumers if int(c["idle"]) < ACTIVE_CONSUMER_MS)
-            if not isinstance(pending, Exception):
-                redelivered[name] = sum(1 for e in pending if int(e["times_delivered"]) > 1)
-        return redelivered, active
 
     # --- Postgres ------------------------------------------------------------------------
 
@@ -392,12 +357,12 @@ class Monitor:
         remaining = min_cpu_sample_s - (time.monotonic() - started)
         if remaining > 0 and pids:
             await asyncio.sleep(remaining)
-        serve_latency = self._serve_latency([int(status["pid"]) for status in statuses])
+        serve_latency = self._latency.read([int(status["pid"]) for status in statuses])
         return Snapshot(
             taken_at=time.time(),
             stream=",".join(self.settings.stream_names),
             group=self.settings.group,
-            redis=_sum_redis([v.redis for v in views.values()]) if resolved else None,
+            redis=sum_stats([v.redis for v in views.values()]) if resolved else None,
             postgres=pg_stats,
             ingest_rate=rate,
             ingest_rate_window_s=window,
@@ -411,7 +376,7 @@ class Monitor:
 
     async def _redis_views(self, views: dict[str, StreamView]) -> None:
         stats = await read_streams_stats(self.redis, self.settings, list(views))
-        redelivered, active = await self._group_details(stats)
+        redelivered, active = await read_group_details(self.redis, self.settings.group, stats)
         for name, view in views.items():
             view.redis = stats[name]
             known = stats[name].pending is not None
@@ -441,28 +406,6 @@ class Monitor:
             return None, None
         return pg.events_last_minute / 60.0, 60.0
 
-    def _serve_latency(self, pids: list[int]) -> ServeLatency | None:
-        """p50/p99 from the serves' own latency histograms: over the last interval when every
-        serve was read before, else since they started; None with metrics off."""
-        state_dir = self.settings.resolved_state_dir()
-        total: Buckets = {}
-        fresh = False
-        for pid in pids:
-            now = read_buckets(metrics_dir(state_dir, pid))
-            if now is None:
-                continue
-            before = self._latency_buckets.get(pid)
-            fresh = fresh or before is None
-            self._latency_buckets[pid] = now
-            for bound, count in difference(now, before).items():
-                total[bound] = total.get(bound, 0.0) + count
-        for pid in set(self._latency_buckets) - set(pids):
-            del self._latency_buckets[pid]
-        if not total:
-            return None
-        window = "since start" if fresh else "last interval"
-        return ServeLatency(quantile_ms(total, 0.5), quantile_ms(total, 0.99), window)
-
     def _inserted_last_minute(self, inserted: int | None) -> int | None:
         """Entries done in the last minute from samples of a counter this monitor took (the
         configured streams' entries done), once it has one at least a minute old (scaled to
@@ -483,24 +426,6 @@ class Monitor:
         pg, self._pg = self._pg, None
         if pg is not None:
             pg.terminate()
-
-
-def _sum_redis(stats: list[RedisStats | None]) -> RedisStats:
-    """Totals over the streams: a figure no stream knows stays None."""
-    known = [s for s in stats if s is not None and s.error is None]
-
-    def total(values: list[int | None]) -> int | None:
-        present = [v for v in values if v is not None]
-        return sum(present) if present else None
-
-    return RedisStats(
-        stream_length=sum(s.stream_length for s in known),
-        dlq_length=total([s.dlq_length for s in known]),
-        pending=total([s.pending for s in known]),
-        lag=total([s.lag for s in known]),
-        consumers=sum(s.consumers for s in known),
-        exists=any(s.exists for s in known),
-    )
 
 
 async def _guard(work: Any, name: str, errors: dict[str, str]) -> Any:

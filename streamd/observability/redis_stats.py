@@ -176,6 +176,56 @@ async def read_streams_ages(
     return out
 
 
+REDELIVERY_SAMPLE = 100  # oldest pending entries per stream looked at for redeliveries
+DETAIL_STREAMS = 100  # streams looked at for redeliveries and active consumers, per call
+ACTIVE_CONSUMER_MS = 60_000  # a consumer that tried to read within this is alive
+
+
+async def read_group_details(
+    client: aioredis.Redis, group: str, stats: dict[str, RedisStats]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """One round trip over the streams with consumers: (redelivered, active consumers).
+
+    Redelivered: of a stream's oldest pending entries, those delivered more than once (a
+    batch that failed and was retried, or reclaimed from a dead consumer). Active: consumers
+    that tried to read within ACTIVE_CONSUMER_MS; a dead serve's stay listed until reaped."""
+    grouped = [name for name, s in stats.items() if s.consumers][:DETAIL_STREAMS]
+    if not grouped:
+        return {}, {}
+    async with client.pipeline(transaction=False) as pipe:
+        for name in grouped:
+            pipe.xinfo_consumers(name, group)
+            pipe.xpending_range(name, group, "-", "+", REDELIVERY_SAMPLE)
+        replies = await pipe.execute(raise_on_error=False)
+    redelivered: dict[str, int] = {}
+    active: dict[str, int] = {}
+    for i, name in enumerate(grouped):
+        consumers, pending = replies[2 * i], replies[2 * i + 1]
+        if not isinstance(consumers, Exception):
+            active[name] = sum(1 for c in consumers if int(c["idle"]) < ACTIVE_CONSUMER_MS)
+        if not isinstance(pending, Exception):
+            redelivered[name] = sum(1 for e in pending if int(e["times_delivered"]) > 1)
+    return redelivered, active
+
+
+def sum_stats(stats: list[RedisStats | None]) -> RedisStats:
+    """Totals over the streams: a figure no stream knows stays None."""
+    known = [s for s in stats if s is not None and s.error is None]
+
+    def total(values: list[int | None]) -> int | None:
+        present = [v for v in values if v is not None]
+        return sum(present) if present else None
+
+    return RedisStats(
+        stream_length=sum(s.stream_length for s in known),
+        dlq_length=total([s.dlq_length for s in known]),
+        pending=total([s.pending for s in known]),
+        lag=total([s.lag for s in known]),
+        consumers=sum(s.consumers for s in known),
+        exists=any(s.exists for s in known),
+    )
+
+
 def _age_s(now_ms: int, entry_id: bytes | str) -> float:
     # An ID from a producer clock ahead of Redis' (explicit IDs) is 0 s old, not negative.
     return max(0.0, (now_ms - id_ms(as_text(entry_id))) / 1000)

@@ -12,6 +12,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from streamd.observability.snapshot import ServeLatency
+
 HISTOGRAM = "streamd_end_to_end_latency_seconds"
 
 Buckets = dict[float, float]  # upper bound (s; inf last) -> cumulative count
@@ -61,3 +63,32 @@ def quantile_ms(buckets: Buckets, q: float) -> float | None:
         if buckets[bound] >= rank:
             return bound * 1000
     return math.inf
+
+
+class LatencyWatch:
+    """The serves' histograms from one refresh to the next, for the percentiles of an interval."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._last: dict[int, Buckets] = {}  # serve pid -> its histogram, last read
+
+    def read(self, pids: list[int]) -> ServeLatency | None:
+        """p50/p99 over the last interval when every serve was read before, else since they
+        started; None with metrics off (no histogram files)."""
+        total: Buckets = {}
+        fresh = False
+        for pid in pids:
+            now = read_buckets(metrics_dir(self.state_dir, pid))
+            if now is None:
+                continue
+            before = self._last.get(pid)
+            fresh = fresh or before is None
+            self._last[pid] = now
+            for bound, count in difference(now, before).items():
+                total[bound] = total.get(bound, 0.0) + count
+        for pid in set(self._last) - set(pids):
+            del self._last[pid]
+        if not total:
+            return None
+        window = "since start" if fresh else "last interval"
+        return ServeLatency(quantile_ms(total, 0.5), quantile_ms(total, 0.99), window)

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis
 
-import streamd.observability.monitor
+import streamd.observability.redis_stats
 from streamd.config.sources import load_settings
 from streamd.observability.frame import render
 from streamd.observability.monitor import Monitor, Snapshot
@@ -194,7 +194,7 @@ def test_rate_over_the_interval_and_active_consumers(
 ) -> None:
     """The API: a stream's rate is its entries done between two snapshots; a consumer that has
     not read for ACTIVE_CONSUMER_MS (a dead serve's) is listed but not active."""
-    monkeypatch.setattr(streamd.observability.monitor, "ACTIVE_CONSUMER_MS", 500)
+    monkeypatch.setattr(streamd.observability.redis_stats, "ACTIVE_CONSUMER_MS", 500)
     settings = load_settings(environ=pipeline)[0]
     url = settings.redis_url
     with sync_redis(url) as r:
