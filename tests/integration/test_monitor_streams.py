@@ -244,3 +244,13 @@ def test_at_most_1000_streams_are_read_and_the_rest_are_counted(env: dict[str, s
     lines = text.stdout.splitlines()
     assert len(lines) <= 30 and max(map(len, lines)) <= 100, text.stdout
     assert "  ... and " in text.stdout and " more streams (--json lists every one)" in text.stdout
+
+
+def test_a_named_key_of_another_type_is_a_warning_and_exit_1(env: dict[str, str]) -> None:
+    with sync_redis(env["STREAMD_REDIS_URL"]) as r:
+        r.rpush("jobs", "not a stream")
+        xadd(env["STREAMD_REDIS_URL"], [event("t", {})], stream="orders")
+    result = run_streamd({**env, "STREAMD_STREAMS": "orders,jobs"}, "monitor", "--once")
+    assert result.returncode == 1, explain(result)
+    assert "Warning: stream jobs: WRONGTYPE" in result.stdout
+    assert any(line.split()[:1] == ["orders"] for line in result.stdout.splitlines())
