@@ -137,7 +137,8 @@ def db_init(ctx: click.Context) -> None:
     def body() -> None:
         settings = configured(ctx)
         asyncio.run(check_postgres(settings))
-        click.echo(f"schema ready: tables {settings.events_table}, {settings.dlq_table}")
+        tables = ", ".join((*settings.table_names, settings.dlq_table))
+        click.echo(f"schema ready: tables {tables}")
 
     run(body)
 
