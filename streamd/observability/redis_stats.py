@@ -13,7 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from streamd.backends.discovery import DEAD_SUFFIX, Resolved, resolve_streams
+from streamd.backends.discovery import Resolved, resolve_streams
 from streamd.backends.redis_acl import Need, database_needs
 from streamd.common.entry_ids import id_ms, next_id
 from streamd.common.text import as_text
@@ -51,11 +51,8 @@ class BacklogAges:
 
 
 def dead_stream_of(settings: Settings, stream: str) -> str:
-    """The dead stream of one consumed stream: `dlq_stream` (when set) names the single
-    `stream`'s; with `streams`, every stream's is `<stream>:dead`."""
-    if stream == settings.stream and not settings.streams:
-        return settings.dead_stream
-    return f"{stream}{DEAD_SUFFIX}"
+    """The dead stream of one consumed stream, as serve writes it (Settings.dead_stream_for)."""
+    return settings.dead_stream_for(stream)
 
 
 async def configured_streams(client: aioredis.Redis, settings: Settings) -> Resolved:

@@ -10,7 +10,7 @@ import asyncio
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
@@ -20,7 +20,14 @@ import streamd.observability.redis_stats
 from streamd.config.sources import load_settings
 from streamd.observability.frame import render
 from streamd.observability.monitor import Monitor, Snapshot
-from tests.support.helpers import event, pg_execute, wait_until, xadd
+from tests.support.helpers import (
+    ServeProcess,
+    count_rows,
+    event,
+    pg_execute,
+    wait_until,
+    xadd,
+)
 from tests.support.helpers import redis_client as sync_redis
 from tests.support.streamd_cli import explain, run_streamd
 
@@ -244,6 +251,55 @@ def test_at_most_1000_streams_are_read_and_the_rest_are_counted(env: dict[str, s
     lines = text.stdout.splitlines()
     assert len(lines) <= 30 and max(map(len, lines)) <= 100, text.stdout
     assert "  ... and " in text.stdout and " more streams (--json lists every one)" in text.stdout
+
+
+def test_monitor_once_against_one_serve_of_several_streams(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    """The real multi-stream serve: one serve consumes a name and a pattern into two tables; the
+    monitor has a line and a JSON entry per stream, totals over them, the serve listed."""
+    environ = {
+        **env,
+        "STREAMD_STREAMS": "orders,tenant:*",
+        "STREAMD_TABLES": "orders=orders_events",
+        "STREAMD_DISCOVER_INTERVAL_S": "0.5",
+    }
+    url, dsn = env["STREAMD_REDIS_URL"], env["STREAMD_POSTGRES_DSN"]
+    xadd(url, [event("order_placed", {"i": i}) for i in range(30)], stream="orders")
+    xadd(url, [event("signup", {"i": i}) for i in range(20)], stream="tenant:a")
+    serve = start_serve(environ=environ)
+    serve.wait_ready(1)
+    xadd(url, [event("signup", {"i": i}) for i in range(10)], stream="tenant:b")  # found later
+    xadd(url, [{"data": "{}"}], stream="tenant:b")  # a dead letter
+    wait_until(lambda: count_rows(dsn, "orders_events", missing_ok=True) == 30, timeout=60)
+    wait_until(lambda: count_rows(dsn, "events", missing_ok=True) == 30, timeout=60)
+    wait_until(lambda: count_rows(dsn, "dead_letter_queue", missing_ok=True) == 1, timeout=60)
+
+    result = run_streamd(environ, "monitor", "--once", "--json")
+    assert result.returncode == 0, explain(result)
+    snap = orjson.loads(result.stdout)
+    streams = snap["streams"]
+    assert list(streams) == ["orders", "tenant:a", "tenant:b"]
+    assert {n: (s["rows"], s["table"]) for n, s in streams.items()} == {
+        "orders": (30, "orders_events"),
+        "tenant:a": (20, "events"),
+        "tenant:b": (10, "events"),
+    }
+    assert all(s["pending"] == 0 and s["lag"] == 0 for s in streams.values()), streams
+    assert streams["tenant:b"]["dlq_count"] == 1 and streams["tenant:b"]["dlq_length"] == 1
+    assert snap["total_events"] == 60 and snap["dlq_by_reason"] == {"missing_type": 1}
+    assert snap["active_consumers"] >= 1
+    (serving,) = snap["serve"]
+    assert serving["pid"] == serve.pid and serving["ready"] is True
+
+    text = run_streamd(environ, "monitor", "--once")
+    assert text.returncode == 0, explain(text)
+    rows = {line.split()[0]: line.split() for line in text.stdout.splitlines() if line[:2] == "  "}
+    # STREAM TABLE LENGTH LAG PENDING RATE/s DLQ ROWS ... (serve trims what it has done)
+    assert rows["orders"][1] == "orders_events" and rows["orders"][3:5] == ["0", "0"]
+    assert rows["orders"][7] == "30"
+    assert (rows["tenant:b"][1], rows["tenant:b"][6], rows["tenant:b"][7]) == ("events", "1", "10")
+    assert f"Serve Processes: (supervisor {serve.pid}, running, ready" in text.stdout
 
 
 def test_a_named_key_of_another_type_is_a_warning_and_exit_1(env: dict[str, str]) -> None:
