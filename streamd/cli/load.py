@@ -83,6 +83,15 @@ def produce(
 @click.option(
     "--procs", type=click.IntRange(1, 256), default=1, show_default=True, help="With --serve."
 )
+@click.option(
+    "--streams",
+    "n_streams",
+    type=click.IntRange(1, 1000),
+    default=1,
+    metavar="N",
+    help="Spread the events over N streams, each checked on its own. With --serve: "
+    "NAME:0 .. NAME:N-1 (NAME: --table's); else the first N names in `streams`.",
+)
 @round_trip_batch(default=1000)
 @click.option(
     "--wait",
@@ -103,6 +112,7 @@ def bench(
     own_serve: bool,
     table: str | None,
     procs: int,
+    n_streams: int,
     batch_size: int,
     wait_s: float,
     as_json: bool,
@@ -118,10 +128,12 @@ def bench(
     \b
       streamd bench --rate 5000 --duration 10 --serve
       streamd bench --drain 100000 --serve --procs 2 --json
+      streamd bench --drain 100000 --serve --streams 10
       streamd bench --rate 1000 --duration 30
     """
     import uvloop
 
+    from streamd.config.tables import is_pattern
     from streamd.tools.bench import BenchPlan, run_bench
 
     if drain is None and (rate is None or duration_s is None):
@@ -135,6 +147,7 @@ def bench(
             "(point bench at the same stream and table with --set stream=... "
             "--set events_table=...)"
         )
+    streams: list[str] = []
     if own_serve:
         # Its own stream and tables: a serve of production never sees the bench's events, and
         # the bench's serve never takes production's.
@@ -145,6 +158,10 @@ def bench(
             "dlq_table": f"{name}_dead",
             "dlq_stream": "",
         }
+        if n_streams > 1:
+            streams = [f"{name}:{i}" for i in range(n_streams)]
+            # Every one of them into the bench's table: no routing of the config applies.
+            obj.overrides |= {"streams": ",".join(streams), "tables": ""}
     global_args = ["--config", obj.config_file] if obj.config_file else []
     for key, value in obj.overrides.items():
         global_args += ["--set", f"{key}={value}"]
@@ -160,6 +177,16 @@ def bench(
 
     def body() -> None:
         settings = configured(ctx)
+        if n_streams > 1 and not own_serve:
+            named = [n for n in settings.streams if not is_pattern(n)]
+            if len(named) < n_streams:
+                raise click.UsageError(
+                    f"--streams {n_streams} without --serve writes to the running serve's "
+                    f"streams: the config's `streams` names {len(named)} "
+                    "(patterns do not count); name more, or use --serve"
+                )
+            streams[:] = named[:n_streams]
+        plan.streams = streams
         sys.exit(uvloop.run(run_bench(settings, plan, as_json=as_json)))
 
     run(body)

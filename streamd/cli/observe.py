@@ -21,18 +21,23 @@ from streamd.cli.app import cli, configured, run
     metavar="S",
     help="Seconds between refreshes.",
 )
-@click.option("--once", is_flag=True, help="Print one frame and exit (1 if a source failed).")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Print one frame and exit: 1 if Redis or Postgres failed, or a named stream is missing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per refresh.")
 @click.pass_context
 def monitor(ctx: click.Context, interval_s: float, once: bool, as_json: bool) -> None:
-    """The pipeline dashboard: stream, group lag, DLQ, Postgres totals, serve processes.
+    """The pipeline dashboard: a line per configured stream (length, lag, pending, rate, DLQ),
+    totals over those streams only, latency, dead letters by reason, serve processes.
 
     Examples:
 
     \b
       streamd monitor
       streamd monitor --once
-      streamd monitor --interval 1 --json
+      streamd --set streams=orders,tenant:* monitor --interval 1 --json
     """
     from streamd.observability.dashboard import run_monitor
 

@@ -24,13 +24,16 @@ import platform
 import signal
 import socket
 import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import prometheus_client
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -47,8 +50,10 @@ from streamd.observability.log import get_logger
 from streamd.observability.redis_stats import (
     BacklogAges,
     RedisStats,
-    read_backlog_ages,
-    read_redis_stats,
+    configured_streams,
+    dead_stream_of,
+    read_streams_ages,
+    read_streams_stats,
 )
 from streamd.observability.status_file import read_status
 from streamd.pipeline.batch import BatchObserver, BatchReport
@@ -182,12 +187,43 @@ def worker_observer(settings: Settings) -> BatchObserver | None:
 # metrics child: what is read at scrape time
 
 
-async def _read_redis(settings: Settings) -> tuple[RedisStats, BacklogAges | None]:
+@dataclass(slots=True)
+class RedisRead:
+    """One scrape's Redis figures: per configured stream, its stats and its backlog's ages."""
+
+    stats: dict[str, RedisStats]
+    ages: dict[str, BacklogAges]
+
+
+class StreamList:
+    """The configured streams, resolved again (SCAN) at most every discover_interval_s: a scrape
+    every few seconds must not walk a big keyspace every time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._streams: tuple[str, ...] = ()
+        self._resolved_at: float | None = None
+
+    async def get(self, client: aioredis.Redis) -> tuple[str, ...]:
+        now = time.monotonic()
+        due = (
+            self._resolved_at is None
+            or now - self._resolved_at >= self.settings.discover_interval_s
+        )
+        if due:
+            self._streams = (await configured_streams(client, self.settings)).streams
+            self._resolved_at = now
+        return self._streams
+
+
+async def _read_redis(settings: Settings, streams: StreamList) -> RedisRead:
     settings = resolve_cluster(settings)  # a cluster's dead stream is named by its slot
     client = redis_client(settings)
     try:
-        stats = await read_redis_stats(client, settings, dead_stream_optional=True)
-        return stats, await read_backlog_ages(client, settings, stats)
+        names = await streams.get(client)
+        stats = await read_streams_stats(client, settings, names)
+        ok = {name: s for name, s in stats.items() if s.error is None}
+        return RedisRead(stats, await read_streams_ages(client, settings, ok))
     finally:
         await client.aclose()
 
@@ -202,11 +238,11 @@ async def _postgres_answers(settings: Settings) -> bool:
 
 
 async def _scrape(
-    settings: Settings,
-) -> tuple[tuple[RedisStats, BacklogAges | None] | BaseException, bool | BaseException]:
+    settings: Settings, streams: StreamList
+) -> tuple[RedisRead | BaseException, bool | BaseException]:
     """Redis' figures and whether Postgres answers, side by side, each within PROBE_TIMEOUT_S."""
     redis_side, postgres_side = await asyncio.gather(
-        asyncio.wait_for(_read_redis(settings), PROBE_TIMEOUT_S),
+        asyncio.wait_for(_read_redis(settings, streams), PROBE_TIMEOUT_S),
         asyncio.wait_for(_postgres_answers(settings), PROBE_TIMEOUT_S),
         return_exceptions=True,
     )
@@ -230,6 +266,7 @@ class PipelineCollector(Collector):
         self.settings = settings
         self.state_file = state_file
         self.version, self.python = build_info()
+        self.streams = StreamList(settings)
 
     def collect(self) -> Iterable[Metric]:
         info = GaugeMetricFamily(
@@ -240,7 +277,7 @@ class PipelineCollector(Collector):
         info.add_metric([self.version, self.python], 1.0)
         yield info
         yield from self._status_metrics()
-        redis_side, postgres_side = asyncio.run(_scrape(self.settings))
+        redis_side, postgres_side = asyncio.run(_scrape(self.settings, self.streams))
         up = GaugeMetricFamily("streamd_postgres_up", "Whether this scrape could run SELECT 1.")
         up.add_metric([], 1.0 if postgres_side is True else 0.0)
         yield up
@@ -265,62 +302,72 @@ class PipelineCollector(Collector):
         wanted.add_metric([], float(status.get("procs") or 0))
         yield wanted
 
-    def _redis_metrics(
-        self, read: tuple[RedisStats, BacklogAges | None] | None
-    ) -> Iterator[Metric]:
-        s = self.settings
+    def _redis_metrics(self, read: RedisRead | None) -> Iterator[Metric]:
         up = GaugeMetricFamily("streamd_redis_up", "Whether this scrape could read Redis.")
         up.add_metric([], 0.0 if read is None else 1.0)
         yield up
         if read is None:
             return
-        stats, ages = read
-        group = [s.stream, s.group]
-        figures: list[tuple[str, str, list[str], float | None]] = [
-            (
-                "streamd_consumer_lag",
-                "Entries not yet delivered to the group (XINFO).",
-                group,
-                stats.lag,
-            ),
-            (
-                "streamd_pending_entries",
-                "Entries delivered but not yet acknowledged.",
-                group,
-                stats.pending,
-            ),
-            (
-                "streamd_consumer_lag_seconds",
-                "Age of the oldest entry not yet delivered to the group (its entry ID); 0: none.",
-                group,
-                None if ages is None else ages.lag_s,
-            ),
-            (
-                "streamd_pending_age_seconds",
-                "Age of the oldest entry delivered, not acknowledged (its entry ID); 0: none.",
-                group,
-                None if ages is None else ages.pending_age_s,
-            ),
-            (
-                "streamd_stream_length",
-                "Entries in the stream (XLEN).",
-                [s.stream],
-                stats.stream_length,
-            ),
-            (
-                "streamd_dead_stream_length",
-                "Entries in the DLQ stream.",
-                [s.dead_stream],
-                stats.dlq_length,
-            ),
-        ]
-        for name, doc, values_, value in figures:
-            if value is None:
-                continue  # unknown (no group yet, or Redis < 7 for lag): absent, not 0
-            labels = ["stream", "group"] if len(values_) == 2 else ["stream"]
-            gauge = GaugeMetricFamily(name, doc, labels=labels)
-            gauge.add_metric(values_, float(value))
-            yield gauge
+        by_group, by_stream = ["stream", "group"], ["stream"]
+        families = {
+            name: GaugeMetricFamily(name, doc, labels=labels)
+            for name, doc, labels in (
+                (
+                    "streamd_consumer_lag",
+                    "Entries not yet delivered to the group (XINFO).",
+                    by_group,
+                ),
+                (
+                    "streamd_pending_entries",
+                    "Entries delivered but not yet acknowledged.",
+                    by_group,
+                ),
+                (
+                    "streamd_consumer_lag_seconds",
+                    "Age of the oldest entry not yet delivered to the group (its ID); 0: none.",
+                    by_group,
+                ),
+                (
+                    "streamd_pending_age_seconds",
+                    "Age of the oldest entry delivered, not acknowledged (its entry ID); 0: none.",
+                    by_group,
+                ),
+                ("streamd_stream_length", "Entries in the stream (XLEN).", by_stream),
+                (
+                    "streamd_dead_stream_length",
+                    "Entries in the DLQ stream (labelled with the dead stream's name).",
+                    by_stream,
+                ),
+            )
+        }
+        streams = GaugeMetricFamily(
+            "streamd_streams", "Configured streams this scrape read (patterns resolved)."
+        )
+        streams.add_metric([], float(len(read.stats)))
+        yield streams
+        group = self.settings.group
+        for stream, stats in read.stats.items():
+            if stats.error is not None:
+                continue  # a key of another type: nothing to say about it
+            ages = read.ages.get(stream)
+            lag_s = None if ages is None else ages.lag_s
+            pending_age_s = None if ages is None else ages.pending_age_s
+            figures = (
+                ("streamd_consumer_lag", [stream, group], stats.lag),
+                ("streamd_pending_entries", [stream, group], stats.pending),
+                ("streamd_consumer_lag_seconds", [stream, group], lag_s),
+                ("streamd_pending_age_seconds", [stream, group], pending_age_s),
+                ("streamd_stream_length", [stream], stats.stream_length),
+                (
+                    "streamd_dead_stream_length",
+                    [dead_stream_of(self.settings, stream)],
+                    stats.dlq_length,
+                ),
+            )
+            for name, labels, value in figures:
+                if value is not None:  # unknown (no group yet, Redis < 7 for lag): absent, not 0
+                    families[name].add_metric(labels, float(value))
+        yield from families.values()
 
 
 # ---------------------------------------------------------------------------------------------

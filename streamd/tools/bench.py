@@ -12,12 +12,16 @@ send time in microseconds, so afterwards one query over the run's entry-ID range
   both clocks are this machine's when bench runs beside Redis and Postgres;
 - consumer throughput: rows / (last commit - first commit).
 
-Peak lag is the group's lag sampled every 200 ms while the run lasts.
+Peak lag is the group's lag sampled every 200 ms while the run lasts (summed over the streams).
+
+With several streams (`--streams N`) batches go to the streams in turn, and each stream is checked
+on its own: every stream must hold exactly the events sent to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import sys
 import time
@@ -31,12 +35,13 @@ import orjson
 from streamd.backends.connections import postgres_connect
 from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import check_postgres, check_redis, postgres_error, redis_error
-from streamd.backends.sql import quote_ident
 from streamd.client.producer import Producer
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.monitor import Monitor
+from streamd.observability.redis_stats import read_streams_stats
 from streamd.tools.bench_serve import ServeRunner
+from streamd.tools.bench_verify import RunRows, Verified
 from streamd.tools.samples import ProduceResult, SampleEvents, produce_paced, progress_step
 
 RULE = "=" * 60
@@ -57,6 +62,7 @@ class BenchPlan:
     serve_procs: int | None = None  # start our own serve with this many processes
     wait_s: float = 60.0  # give up waiting for rows after this long without progress
     global_args: Sequence[str] = ()  # --config/--set, for our own serve
+    streams: Sequence[str] = ()  # spread the events over these (empty: settings.stream)
 
     @property
     def expected(self) -> int:
@@ -64,16 +70,6 @@ class BenchPlan:
             return self.drain
         assert self.rate is not None and self.duration_s is not None
         return round(self.rate * self.duration_s)
-
-
-@dataclass(slots=True)
-class Verified:
-    persisted: int = 0
-    distinct: int = 0
-    dead: int = 0
-    latency_ms: dict[str, float | None] = field(default_factory=dict)
-    commit_span_s: float | None = None
-    clock: str = ""
 
 
 @dataclass(slots=True)
@@ -86,6 +82,7 @@ class BenchResult:
     drain_s: float | None = None
     stream: str = ""
     table: str = ""
+    sent: dict[str, int] = field(default_factory=dict)  # stream -> events produced to it
 
     @property
     def lost(self) -> int:
@@ -94,6 +91,19 @@ class BenchResult:
     @property
     def duplicated(self) -> int:
         return self.verified.persisted - self.verified.distinct
+
+    @property
+    def per_stream(self) -> dict[str, dict[str, int]]:
+        found = self.verified.per_stream
+        return {
+            name: {"produced": n, "persisted": found.get(name, 0)} for name, n in self.sent.items()
+        }
+
+    @property
+    def exactly_once(self) -> bool:
+        """Nothing lost, nothing twice, nothing dead, and every stream has what it was sent."""
+        streams_ok = all(s["produced"] == s["persisted"] for s in self.per_stream.values())
+        return self.lost == 0 and self.duplicated == 0 and self.verified.dead == 0 and streams_ok
 
     @property
     def accuracy(self) -> float | None:
@@ -121,7 +131,7 @@ class BenchResult:
             "lost": self.lost,
             "duplicated": self.duplicated,
             "dead_lettered": v.dead,
-            "exactly_once": self.lost == 0 and self.duplicated == 0 and v.dead == 0,
+            "exactly_once": self.exactly_once,
             "latency_ms": v.latency_ms,
             "latency_clock": v.clock,
             "consumer_throughput": _round(self.consumer_throughput),
@@ -131,6 +141,7 @@ class BenchResult:
             "serve_procs": self.plan.serve_procs,
             "stream": self.stream,
             "table": self.table,
+            "streams": self.per_stream,
         }
 
 
@@ -139,100 +150,44 @@ def _round(value: float | None, digits: int = 1) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# verification in Postgres
-
-
-class RunRows:
-    """Queries over this run's rows: the run's entry-ID range (the primary key's index), then
-    its id in the payload (other producers may write into the same range)."""
-
-    def __init__(self, settings: Settings, conn: asyncpg.Connection, run_id: str) -> None:
-        self.settings = settings
-        self.conn = conn
-        self.run_id = run_id
-        self.events = quote_ident(settings.events_table)
-        self.dlq = quote_ident(settings.dlq_table)
-
-    def _where(self, first_id: str, last_id: str) -> tuple[str, list[Any]]:
-        # Millisecond bounds compare correctly as text in any collation: every ID of the run
-        # starts with a 13-digit millisecond count between them.
-        low = first_id.partition("-")[0]
-        high = str(int(last_id.partition("-")[0]) + 1)
-        clause = "stream = $1 AND entry_id >= $2 AND entry_id < $3"
-        return clause, [self.settings.stream, low, high]
-
-    async def count(self, first_id: str, last_id: str) -> tuple[int, int]:
-        """(distinct events persisted, dead letters) so far."""
-        where, args = self._where(first_id, last_id)
-        persisted = await self.conn.fetchval(
-            f"SELECT count(DISTINCT payload->>'seq') FROM {self.events} "
-            f"WHERE {where} AND payload->>'bench_run' = $4",
-            *args,
-            self.run_id,
-        )
-        dead = await self.conn.fetchval(
-            f"SELECT count(*) FROM {self.dlq} WHERE {where} AND fields->>'data' LIKE $4",
-            *args,
-            f'%"bench_run":"{self.run_id}"%',
-        )
-        return int(persisted), int(dead)
-
-    async def verify(self, first_id: str, last_id: str) -> Verified:
-        tracked = await self.conn.fetchval("SELECT current_setting('track_commit_timestamp')")
-        if tracked == "on":
-            commit, clock = "pg_xact_commit_timestamp(xmin)", "commit timestamp"
-        else:
-            commit, clock = "ingested_at", "ingested_at (transaction start)"
-        where, args = self._where(first_id, last_id)
-        row = await self.conn.fetchrow(
-            f"""
-            WITH r AS (
-                SELECT payload->>'seq' AS seq, {commit} AS committed,
-                       (payload->>'sent_us')::bigint AS sent_us
-                FROM {self.events} WHERE {where} AND payload->>'bench_run' = $4
-            ), l AS (
-                SELECT seq, committed,
-                       extract(epoch FROM committed) * 1000 - sent_us / 1000.0 AS ms
-                FROM r
-            )
-            SELECT count(*) AS persisted, count(DISTINCT seq) AS distinct_seq,
-                   percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY ms) AS pcts,
-                   max(ms) AS max_ms,
-                   extract(epoch FROM max(committed) - min(committed)) AS span_s
-            FROM l
-            """,
-            *args,
-            self.run_id,
-        )
-        _, dead = await self.count(first_id, last_id)
-        pcts = row["pcts"] or [None, None, None]
-        latency = dict(zip(("p50", "p95", "p99"), pcts, strict=True)) | {"max": row["max_ms"]}
-        return Verified(
-            persisted=row["persisted"],
-            distinct=row["distinct_seq"],
-            dead=dead,
-            latency_ms={k: None if v is None else round(float(v), 2) for k, v in latency.items()},
-            commit_span_s=float(row["span_s"]) if row["span_s"] else None,
-            clock=clock,
-        )
-
-
-# ---------------------------------------------------------------------------------------------
 # the run
 
 
-class LagSampler:
-    """Samples the group's lag in the background; keeps the peak."""
+class Spread:
+    """Looks like one Producer to produce_paced; sends each batch to the next stream in turn."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, producers: list[Producer]) -> None:
+        self.producers = producers
+        self.settings = producers[0].settings
+        self.sent = {p.stream: 0 for p in producers}
+        self._next = 0
+
+    async def produce_batch(self, events: list[tuple[str, Any]]) -> list[str]:
+        producer = self.producers[self._next]
+        self._next = (self._next + 1) % len(self.producers)
+        ids = await producer.produce_batch(events)
+        self.sent[producer.stream] += len(ids)
+        return ids
+
+
+class LagSampler:
+    """Samples the group's lag (summed over the streams) in the background; keeps the peak."""
+
+    def __init__(self, settings: Settings, streams: Sequence[str]) -> None:
         self.monitor = Monitor(settings)
+        self.streams = list(streams)
         self.peak: int | None = None
         self._task: asyncio.Task[None] | None = None
+
+    async def _lag(self) -> int | None:
+        stats = await read_streams_stats(self.monitor.redis, self.monitor.settings, self.streams)
+        lags = [s.lag for s in stats.values()]
+        return None if any(lag is None for lag in lags) else sum(lag or 0 for lag in lags)
 
     async def _run(self) -> None:
         while True:
             try:
-                lag = (await self.monitor.redis_stats()).lag
+                lag = await self._lag()
             except REDIS_FAULTS:
                 lag = None  # a missed sample; the run itself reports real failures
             if lag is not None:
@@ -259,6 +214,7 @@ class Bench:
         self.run_id = secrets.token_hex(6)
         self.samples = SampleEvents(seed=7)
         self.serve: ServeRunner | None = None
+        self.streams = list(plan.streams) or [settings.stream]
 
     def say(self, text: str) -> None:
         print(text, file=self.progress, flush=True)
@@ -266,10 +222,12 @@ class Bench:
     async def run(self) -> BenchResult:
         s, plan = self.settings, self.plan
         await check_postgres(s)
-        await check_redis(s)  # creates the group (from the start) if missing: nothing is skipped
+        for stream in self.streams:
+            # Creates the group (from the start) if missing: nothing is skipped.
+            await check_redis(dataclasses.replace(s, stream=stream, streams=()))
         if plan.serve_procs is not None:
             self.serve = ServeRunner(s, plan.serve_procs, plan.global_args)
-        lag = LagSampler(s)
+        lag = LagSampler(s, self.streams)
         try:
             if self.serve is not None and plan.drain is None:
                 await self._start_serve()
@@ -291,8 +249,8 @@ class Bench:
         await self.serve.start()
 
     async def _measure(self, conn: asyncpg.Connection, lag: LagSampler) -> BenchResult:
-        rows = RunRows(self.settings, conn, self.run_id)
-        produced = await self._produce()
+        rows = RunRows(self.settings, conn, self.run_id, self.streams)
+        produced, sent = await self._produce()
         if produced.first_id is None or produced.last_id is None:
             raise BenchError("nothing was produced")
         drain_started = time.monotonic()
@@ -309,18 +267,26 @@ class Bench:
             verified,
             lag.peak,
             drain_s,
-            stream=self.settings.stream,
+            stream=",".join(self.streams),
             table=self.settings.events_table,
+            sent=sent,
         )
 
-    async def _produce(self) -> ProduceResult:
+    async def _produce(self) -> tuple[ProduceResult, dict[str, int]]:
         plan = self.plan
         total = plan.expected
         limit = None if plan.drain is not None else self.settings.max_backlog or None
         run = self.run_id
-        async with Producer.from_settings(self.settings, max_backlog=limit) as producer:
+        producers = [
+            Producer.from_settings(self.settings, max_backlog=limit, stream=stream)
+            for stream in self.streams
+        ]
+        spread = Spread(producers)
+        try:
+            for producer in producers:
+                await producer.connect()
             result = await produce_paced(
-                producer,
+                spread,  # type: ignore[arg-type]  # produce_batch and settings: all it uses
                 total,
                 lambda count, seq: self.samples.tagged_batch(count, run, seq),
                 rate=plan.rate,
@@ -328,8 +294,11 @@ class Bench:
                 on_progress=lambda n: self.say(f"Produced {n} events..."),
                 progress_every=progress_step(total),
             )
+        finally:
+            for producer in producers:
+                await producer.aclose()
         self.say(f"Completed: {result.produced} total events produced")
-        return result
+        return result, spread.sent
 
     async def _wait_persisted(self, rows: RunRows, produced: ProduceResult) -> None:
         """Until every event is a row (or a dead letter), or no progress for wait_s."""
@@ -374,7 +343,7 @@ def render(result: BenchResult) -> str:
             f"Pre-fill Time: {p.elapsed_s:.2f} seconds ({p.rate:,.0f} events/sec)",
             f"Drain Time: {result.drain_s:.2f} seconds ({since} to the last row)",
         ]
-    verdict = "yes" if result.lost == result.duplicated == v.dead == 0 else "NO"
+    verdict = "yes" if result.exactly_once else "NO"
     lines += [
         "-" * 60,
         f"Persisted: {v.persisted}",
@@ -382,6 +351,7 @@ def render(result: BenchResult) -> str:
         f"Duplicated: {result.duplicated}",
         f"Dead-lettered: {v.dead}",
         f"Exactly once: {verdict}",
+        *_stream_lines(result),
         f"Consumer Throughput: {_rate(result.consumer_throughput)} (first to last commit)",
         f"Peak Lag: {'n/a' if result.peak_lag is None else result.peak_lag} entries",
         f"End-to-end Latency (send -> commit, by {v.clock}):",
@@ -389,6 +359,22 @@ def render(result: BenchResult) -> str:
         RULE,
     ]
     return "\n".join(lines)
+
+
+def _stream_lines(result: BenchResult) -> list[str]:
+    """Per stream, with several: what it was sent and what it holds."""
+    if len(result.sent) < 2:
+        return []
+    per_stream = result.per_stream
+    wrong = [name for name, s in per_stream.items() if s["produced"] != s["persisted"]]
+    lines = [
+        f"Per stream: {len(per_stream) - len(wrong)} of {len(per_stream)} hold what they were sent"
+    ]
+    shown = per_stream if len(per_stream) <= 10 else {n: per_stream[n] for n in wrong}
+    for name, s in shown.items():
+        mark = "" if name not in wrong else "  <- MISMATCH"
+        lines.append(f"  {name}: {s['produced']} produced, {s['persisted']} persisted{mark}")
+    return lines
 
 
 def _rate(value: float | None) -> str:
@@ -413,7 +399,12 @@ def header(plan: BenchPlan, settings: Settings) -> str:
         ]
     # Said up front: without --serve, the events are real entries of the running serve's stream.
     whose = "its own serve's" if plan.serve_procs is not None else "the running serve's"
-    lines.append(f"Writes to: stream {settings.stream}, table {settings.events_table} ({whose})")
+    streams = list(plan.streams) or [settings.stream]
+    if len(streams) == 1:
+        where = f"stream {streams[0]}"
+    else:
+        where = f"{len(streams)} streams {streams[0]} .. {streams[-1]}"
+    lines.append(f"Writes to: {where}, table {settings.events_table} ({whose})")
     if plan.serve_procs is None:
         lines.append("  (--serve runs a serve of its own, on a stream and table of its own)")
     return "\n".join([*lines, RULE])

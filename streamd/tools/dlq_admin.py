@@ -17,10 +17,10 @@ small orphan record, which is harmless: the original ID never comes back).
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 import asyncpg
@@ -29,52 +29,33 @@ import orjson
 import redis.asyncio as aioredis
 
 from streamd.backends.connections import postgres_connect, redis_client, resolve_cluster
+from streamd.backends.discovery import resolve_streams
 from streamd.backends.faults import REDIS_FAULTS
 from streamd.backends.preflight import postgres_error, redis_error
 from streamd.backends.redis_acl import Need, database_needs, script_needs
-from streamd.backends.scripts import RedisScript
 from streamd.backends.sql import quote_ident
-from streamd.common.text import as_text
 from streamd.config.settings import Settings
+from streamd.config.tables import STREAM_PATTERN, is_pattern
 from streamd.errors import EXIT_USAGE, StreamdError
+from streamd.observability.redis_stats import dead_stream_of
 from streamd.pipeline.dead_letters import decode_fields
+from streamd.tools.dlq_store import MAX_REPLAY_FIELDS, REPLAY, DeadLetter, DeadLetters
 
-PAGE = 500
-SCAN_PAGE = 1000
-SCAN_SLACK_MS = 5 * 60 * 1000  # the dead stream's copy is written after the row's failed_at
-
-# ARGV: original entry ID, n, n dead-stream IDs, then the original fields. Returns {1, new id}
-# when re-queued now, {0, id} when it already was.
-REPLAY = RedisScript(
-    "replay",
-    keys=("source stream", "dead stream", "replay records"),
-    source="""
-local done = redis.call('HGET', KEYS[3], ARGV[1])
-local n = tonumber(ARGV[2])
-for i = 3, 2 + n do
-  redis.call('XDEL', KEYS[2], ARGV[i])
-end
-if done then
-  return {0, done}
-end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3 + n))
-redis.call('HSET', KEYS[3], ARGV[1], id)
-return {1, id}
-""",
-)
-MAX_REPLAY_FIELDS = 7000  # Lua's unpack() limit is about 8000 values
+__all__ = ["REPLAY", "DeadLetter", "DeadLetters", "dlq_list", "dlq_purge", "dlq_replay"]
 
 
 def dlq_needs(settings: Settings) -> list[Need]:
-    """What `streamd dlq list|replay|purge` runs in Redis, for its minimal ACL."""
-    dead, records = settings.dead_stream, f"{settings.dead_stream}:replayed"
-    return [
-        *database_needs(settings),
-        Need("client|setname"),
-        *(Need(command, dead) for command in ("xlen", "xrange", "xtrim")),
-        Need("hdel", records),
-        *script_needs(REPLAY, [settings.stream, dead, records]),
-    ]
+    """What `streamd dlq list|replay|purge` runs in Redis, for its minimal ACL (a pattern stands
+    for the keys it matches: ACL key patterns are globs too)."""
+    needs = [*database_needs(settings), Need("client|setname")]
+    if any(is_pattern(name) for name in settings.stream_names):
+        needs.append(Need("scan"))
+    for name in settings.stream_names:
+        dead = dead_stream_of(settings, name)
+        records = f"{dead}:replayed"
+        needs += [Need(command, dead) for command in ("xlen", "xrange", "xtrim")]
+        needs += [Need("hdel", records), *script_needs(REPLAY, [name, dead, records])]
+    return needs
 
 
 class ConfirmationRequired(StreamdError):
@@ -125,192 +106,40 @@ def parse_before(text: str, now: dt.datetime | None = None) -> dt.datetime:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    id: int
-    stream: str
-    entry_id: str
-    event_type: str | None
-    reason: str
-    error: str
-    deliveries: int
-    failed_at: dt.datetime
-    fields: dict[str, Any]
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> DeadLetter:
-        fields = row["fields"]
-        return cls(
-            id=row["id"],
-            stream=row["stream"],
-            entry_id=row["entry_id"],
-            event_type=row["event_type"],
-            reason=row["reason"],
-            error=row["error"],
-            deliveries=row["deliveries"],
-            failed_at=row["failed_at"],
-            fields=orjson.loads(fields) if isinstance(fields, str | bytes) else fields,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "stream": self.stream,
-            "entry_id": self.entry_id,
-            "event_type": self.event_type,
-            "reason": self.reason,
-            "error": self.error,
-            "deliveries": self.deliveries,
-            "failed_at": self.failed_at.isoformat(),
-            "fields": self.fields,
-        }
-
-
-_COLUMNS = "id, stream, entry_id, event_type, reason, error, deliveries, failed_at, fields"
-
-
-class DeadLetters:
-    """The dead letters of one stream, in the table and in the dead stream."""
-
-    def __init__(self, settings: Settings, conn: asyncpg.Connection, client: aioredis.Redis):
-        self.settings = settings
-        self.conn = conn
-        self.redis = client
-        self.table = quote_ident(settings.dlq_table)
-        self.stream = settings.stream
-        self.dead_stream = settings.dead_stream
-        self.records = f"{settings.dead_stream}:replayed"
-
-    async def count(self, before: dt.datetime | None = None) -> int:
-        return int(
-            await self.conn.fetchval(
-                f"SELECT count(*) FROM {self.table} WHERE stream = $1 "
-                "AND ($2::timestamptz IS NULL OR failed_at < $2)",
-                self.stream,
-                before,
-            )
-        )
-
-    async def stream_length(self) -> int:
-        return int(await self.redis.xlen(self.dead_stream))
-
-    async def newest(self, limit: int) -> list[DeadLetter]:
-        rows = await self.conn.fetch(
-            f"SELECT {_COLUMNS} FROM {self.table} WHERE stream = $1 ORDER BY id DESC LIMIT $2",
-            self.stream,
-            limit,
-        )
-        return [DeadLetter.from_row(r) for r in rows]
-
-    async def select(self, ids: Sequence[str]) -> list[DeadLetter]:
-        """Dead letters by table id (digits) or by source entry ID (ms-seq)."""
-        numeric = [int(i) for i in ids if i.isdigit()]
-        entry_ids = [i for i in ids if not i.isdigit()]
-        rows = await self.conn.fetch(
-            f"SELECT {_COLUMNS} FROM {self.table} WHERE stream = $1 "
-            "AND (id = ANY($2::bigint[]) OR entry_id = ANY($3::text[])) ORDER BY id",
-            self.stream,
-            numeric,
-            entry_ids,
-        )
-        return [DeadLetter.from_row(r) for r in rows]
-
-    async def last_id(self) -> int:
-        return int(
-            await self.conn.fetchval(
-                f"SELECT coalesce(max(id), 0) FROM {self.table} WHERE stream = $1", self.stream
-            )
-        )
-
-    async def page(self, after_id: int, upto_id: int) -> list[DeadLetter]:
-        """The next PAGE letters with ids in (after_id, upto_id]: a replay of "all" takes those
-        that were there when it started, not the ones that fail again while it runs."""
-        rows = await self.conn.fetch(
-            f"SELECT {_COLUMNS} FROM {self.table} WHERE stream = $1 AND id > $2 AND id <= $3 "
-            "ORDER BY id LIMIT $4",
-            self.stream,
-            after_id,
-            upto_id,
-            PAGE,
-        )
-        return [DeadLetter.from_row(r) for r in rows]
-
-    # --- replay ----------------------------------------------------------------------------
-
-    async def replay(self, letters: list[DeadLetter]) -> list[tuple[DeadLetter, str, bool]]:
-        """Re-queue, then delete. Returns (letter, new entry ID, re-queued now) for each."""
-        copies = await self._dead_stream_copies(letters)
-        done: list[tuple[DeadLetter, str, bool]] = []
-        for letter in letters:
-            new_id, now = await self.requeue(letter, copies.get(letter.entry_id, []))
-            done.append((letter, new_id, now))
-        await self.conn.execute(
-            f"DELETE FROM {self.table} WHERE id = ANY($1::bigint[])", [d.id for d in letters]
-        )
-        await self.redis.hdel(self.records, *[d.entry_id for d in letters])
-        return done
-
-    async def requeue(self, letter: DeadLetter, dead_ids: list[str]) -> tuple[str, bool]:
-        """Step one of a replay, atomic in Redis: XADD the original fields (unless an earlier,
-        interrupted replay did), record it, drop the dead stream's copies. (new ID, now?)"""
-        reply = await REPLAY.call(
-            self.redis,
-            keys=[letter.stream, self.dead_stream, self.records],
-            args=[letter.entry_id, len(dead_ids), *dead_ids, *envelope_order(letter.fields)],
-        )
-        return as_text(reply[1]), bool(reply[0])
-
-    async def _dead_stream_copies(self, letters: list[DeadLetter]) -> dict[str, list[str]]:
-        """Dead-stream IDs of these letters: a scan from just before the oldest one failed."""
-        wanted = {d.entry_id for d in letters}
-        oldest_ms = int(min(d.failed_at for d in letters).timestamp() * 1000)
-        start = f"{max(0, oldest_ms - SCAN_SLACK_MS)}-0"
-        found: dict[str, list[str]] = {}
-        while True:
-            entries = await self.redis.xrange(self.dead_stream, min=start, count=SCAN_PAGE) or []
-            for dead_id, fields in entries:
-                fields = fields or {}
-                source = as_text(fields.get(b"entry_id", b""))
-                if source in wanted and as_text(fields.get(b"stream", b"")) == self.stream:
-                    found.setdefault(source, []).append(as_text(dead_id))
-            if len(entries) < SCAN_PAGE:
-                return found
-            start = "(" + as_text(entries[-1][0])
-
-    # --- purge -----------------------------------------------------------------------------
-
-    async def purge(self, before: dt.datetime | None) -> tuple[int, int]:
-        """Delete from the table and trim the dead stream; (rows, stream entries) removed."""
-        status = await self.conn.execute(
-            f"DELETE FROM {self.table} WHERE stream = $1 "
-            "AND ($2::timestamptz IS NULL OR failed_at < $2)",
-            self.stream,
-            before,
-        )
-        if before is None:
-            trimmed = await self.redis.xtrim(self.dead_stream, maxlen=0, approximate=False)
-        else:
-            min_id = f"{int(before.timestamp() * 1000)}-0"
-            trimmed = await self.redis.xtrim(self.dead_stream, minid=min_id, approximate=False)
-        return int(status.split()[-1]), int(trimmed)
-
-
-def envelope_order(encoded: dict[str, Any]) -> list[bytes]:
-    """The original fields, type, data and ts first: jsonb does not keep the order of keys, and
-    the consumer reads `type, data` in that order fastest. Names and values are kept exactly."""
-    flat = decode_fields(encoded)
-    pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
-    rank = {b"type": 0, b"data": 1, b"ts": 2}
-    pairs.sort(key=lambda pair: rank.get(pair[0], 3))  # stable: the rest keep their order
-    return [part for pair in pairs for part in pair]
-
-
 # ---------------------------------------------------------------------------------------------
 # the commands
 
 
-async def _with_dlq(settings: Settings, work: Callable[[DeadLetters], Any]) -> Any:
-    """Run `work` with connections to both; outages and a missing table become one clear line."""
+def chosen_names(settings: Settings, streams: Sequence[str]) -> tuple[str, ...]:
+    """--stream NAME (names or patterns, repeatable), else every stream the config names."""
+    for name in streams:
+        if not STREAM_PATTERN.fullmatch(name):
+            raise DlqError(f"--stream {name!r}: not a valid stream name or pattern")
+    return tuple(dict.fromkeys(streams)) or settings.stream_names
+
+
+async def _streams(
+    settings: Settings, conn: asyncpg.Connection, client: aioredis.Redis, names: Sequence[str]
+) -> list[str]:
+    """The streams whose dead letters a command works on: exact names as given; for a pattern,
+    the streams in Redis that match it and those the table has dead letters of (a stream may be
+    gone from Redis while its dead letters stay)."""
+    resolved = await resolve_streams(client, names, dead_stream=settings.dead_stream)
+    out = dict.fromkeys(resolved.streams)
+    patterns = [n for n in names if is_pattern(n)]
+    if patterns:
+        table = quote_ident(settings.dlq_table)
+        for row in await conn.fetch(f"SELECT DISTINCT stream FROM {table} ORDER BY 1"):
+            if any(fnmatch.fnmatchcase(row["stream"], p) for p in patterns):
+                out[row["stream"]] = None
+    return list(out)
+
+
+async def _with_dlq(
+    settings: Settings, names: Sequence[str], work: Callable[[list[DeadLetters]], Any]
+) -> Any:
+    """Run `work` with the dead letters of each chosen stream; outages and a missing table
+    become one clear line."""
     try:
         conn = await postgres_connect(settings)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError) as exc:
@@ -318,7 +147,8 @@ async def _with_dlq(settings: Settings, work: Callable[[DeadLetters], Any]) -> A
     settings = resolve_cluster(settings)  # in a cluster, the dead stream's name depends on it
     client = redis_client(settings, client_name="streamd-dlq")
     try:
-        return await work(DeadLetters(settings, conn, client))
+        streams = await _streams(settings, conn, client, names)
+        return await work([DeadLetters(settings, conn, client, name) for name in streams])
     except asyncpg.UndefinedTableError:
         raise DlqError(
             f"table {settings.dlq_table} does not exist: run `streamd db init` (or start serve)"
@@ -337,20 +167,51 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def render_list(letters: Iterable[DeadLetter], total: int, stream_length: int, s: Settings) -> str:
-    lines = [
-        f"Dead letters of stream {s.stream}: {total} in table {s.dlq_table}, "
-        f"{stream_length} in stream {s.dead_stream}"
-    ]
+def _which(dlqs: Sequence[DeadLetters]) -> str:
+    if len(dlqs) == 1:
+        return f"stream {dlqs[0].stream}"
+    if len(dlqs) <= 5:
+        return f"streams {', '.join(d.stream for d in dlqs)}"
+    return f"{len(dlqs)} streams"
+
+
+def render_list(
+    letters: Iterable[DeadLetter],
+    total: int,
+    stream_length: int,
+    s: Settings,
+    per_stream: dict[str, tuple[int, int, str]] | None = None,
+) -> str:
+    """The listing; per_stream (stream -> (rows, dead stream length, dead stream)) when it
+    covers several streams: a line each, and a STREAM column."""
+    if per_stream is None or len(per_stream) == 1:
+        stream, dead = s.stream, s.dead_stream
+        if per_stream:
+            ((stream, (_, _, dead)),) = per_stream.items()
+        lines = [
+            f"Dead letters of stream {stream}: {total} in table {s.dlq_table}, "
+            f"{stream_length} in stream {dead}"
+        ]
+    else:
+        lines = [
+            f"Dead letters of {len(per_stream)} streams: {total} in table {s.dlq_table}, "
+            f"{stream_length} in their dead streams"
+        ]
+        lines += [
+            f"  {name}: {rows} in the table, {length} in stream {dead}"
+            for name, (rows, length, dead) in per_stream.items()
+        ]
     letters = list(letters)
     if not letters:
         return "\n".join(lines)
+    several = per_stream is not None and len(per_stream) > 1
     # Columns as wide as their widest value: entry IDs run to 41 characters (a 20-digit
     # millisecond part and a 20-digit sequence), table ids to 19 digits.
     rows = [
         (
             str(d.id),
             d.failed_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            *([_short(d.stream, 24)] if several else []),
             d.entry_id,
             _short(d.event_type or "-", 18),
             _short(d.reason, 16),
@@ -359,9 +220,18 @@ def render_list(letters: Iterable[DeadLetter], total: int, stream_length: int, s
         )
         for d in letters
     ]
-    head = ("ID", "FAILED AT (UTC)", "ENTRY ID", "TYPE", "REASON", "DELIV", "ERROR")
+    head = (
+        "ID",
+        "FAILED AT (UTC)",
+        *(["STREAM"] if several else []),
+        "ENTRY ID",
+        "TYPE",
+        "REASON",
+        "DELIV",
+        "ERROR",
+    )
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    right = (0, 5)  # numbers
+    right = (0, len(head) - 2)  # numbers
     for row in [head, *rows]:
         cells = [
             cell.rjust(width) if i in right else cell.ljust(width)
@@ -374,25 +244,40 @@ def render_list(letters: Iterable[DeadLetter], total: int, stream_length: int, s
 
 
 async def dlq_list(
-    settings: Settings, limit: int, as_json: bool, out: TextIO | None = None
+    settings: Settings,
+    limit: int,
+    as_json: bool,
+    out: TextIO | None = None,
+    streams: Sequence[str] = (),
 ) -> None:
     out = out or sys.stdout
+    names = chosen_names(settings, streams)
 
-    async def work(dlq: DeadLetters) -> None:
-        letters = await dlq.newest(limit)
-        total, length = await dlq.count(), await dlq.stream_length()
+    async def work(dlqs: list[DeadLetters]) -> None:
+        letters: list[DeadLetter] = []
+        per_stream: dict[str, tuple[int, int, str]] = {}
+        for dlq in dlqs:
+            letters += await dlq.newest(limit)
+            per_stream[dlq.stream] = (await dlq.count(), await dlq.stream_length(), dlq.dead_stream)
+        letters = sorted(letters, key=lambda d: d.id, reverse=True)[:limit]
+        total = sum(rows for rows, _, _ in per_stream.values())
+        length = sum(n for _, n, _ in per_stream.values())
         if as_json:
             payload = {
-                "stream": settings.stream,
+                "stream": dlqs[0].stream if len(dlqs) == 1 else None,
                 "count": total,
                 "stream_length": length,
+                "streams": {
+                    name: {"count": rows, "stream_length": n, "dead_stream": dead}
+                    for name, (rows, n, dead) in per_stream.items()
+                },
                 "entries": [d.to_json() for d in letters],
             }
             out.write(orjson.dumps(payload).decode() + "\n")
         else:
-            out.write(render_list(letters, total, length, settings) + "\n")
+            out.write(render_list(letters, total, length, settings, per_stream) + "\n")
 
-    await _with_dlq(settings, work)
+    await _with_dlq(settings, names, work)
 
 
 async def dlq_replay(
@@ -402,39 +287,46 @@ async def dlq_replay(
     yes: bool,
     out: TextIO | None = None,
     interactive: bool | None = None,
+    streams: Sequence[str] = (),
 ) -> int:
-    """Returns how many entries were re-queued."""
+    """Returns how many entries were re-queued, each to its own stream."""
     out = out or sys.stdout
     if bool(ids) == replay_all:
         raise DlqError("say which dead letters to replay: --id ID (repeatable) or --all")
+    names = chosen_names(settings, streams)
 
-    async def work(dlq: DeadLetters) -> int:
-        upto = await dlq.last_id()
+    async def work(dlqs: list[DeadLetters]) -> int:
+        upto = {dlq.stream: await dlq.last_id() for dlq in dlqs}
+        chosen: dict[str, list[DeadLetter]] = {}
         if replay_all:
-            count = await dlq.count()
+            counts = {dlq.stream: await dlq.count() for dlq in dlqs}
         else:
-            chosen = await dlq.select(ids)
-            missing = set(ids) - {str(d.id) for d in chosen} - {d.entry_id for d in chosen}
+            for dlq in dlqs:
+                chosen[dlq.stream] = await dlq.select(ids)
+            found = [d for letters in chosen.values() for d in letters]
+            missing = set(ids) - {str(d.id) for d in found} - {d.entry_id for d in found}
             if missing:
-                stream = settings.stream
-                raise DlqError(f"no dead letter of stream {stream} with id {_ids(missing)}")
-            count = len(chosen)
+                raise DlqError(f"no dead letter of {_which(dlqs)} with id {_ids(missing)}")
+            counts = {name: len(letters) for name, letters in chosen.items()}
+        busy = [dlq for dlq in dlqs if counts.get(dlq.stream)]
+        count = sum(counts.values())
         if count == 0:
             out.write("No dead letters to replay.\n")
             return 0
-        confirm(f"Replay {count} dead letter(s) to stream {settings.stream}?", yes, interactive)
+        confirm(f"Replay {count} dead letter(s) to {_which(busy)}?", yes, interactive)
         done = 0
-        if replay_all:
-            after = 0
-            while letters := await dlq.page(after, upto):
-                done += _report(await dlq.replay(_replayable(letters)), out)
-                after = letters[-1].id
-        else:
-            done += _report(await dlq.replay(_replayable(chosen)), out)
-        out.write(f"Replayed {done} dead letter(s) to stream {settings.stream}.\n")
+        for dlq in busy:
+            if replay_all:
+                after = 0
+                while letters := await dlq.page(after, upto[dlq.stream]):
+                    done += _report(await dlq.replay(_replayable(letters)), out)
+                    after = letters[-1].id
+            else:
+                done += _report(await dlq.replay(_replayable(chosen[dlq.stream])), out)
+        out.write(f"Replayed {done} dead letter(s) to {_which(busy)}.\n")
         return done
 
-    return int(await _with_dlq(settings, work))
+    return int(await _with_dlq(settings, names, work))
 
 
 def _ids(ids: Iterable[str]) -> str:
@@ -467,28 +359,37 @@ async def dlq_purge(
     yes: bool,
     out: TextIO | None = None,
     interactive: bool | None = None,
+    streams: Sequence[str] = (),
 ) -> tuple[int, int]:
     out = out or sys.stdout
     cutoff = parse_before(before) if before else None
+    names = chosen_names(settings, streams)
 
-    async def work(dlq: DeadLetters) -> tuple[int, int]:
-        count = await dlq.count(cutoff)
+    async def work(dlqs: list[DeadLetters]) -> tuple[int, int]:
+        counts = {dlq.stream: (await dlq.count(cutoff), await dlq.stream_length()) for dlq in dlqs}
+        busy = [dlq for dlq in dlqs if any(counts[dlq.stream])]
+        count = sum(rows for rows, _ in counts.values())
         older = f" that failed before {cutoff.isoformat()}" if cutoff else ""
-        if count == 0 and await dlq.stream_length() == 0:
+        if not busy:
             out.write("No dead letters to purge.\n")
             return 0, 0
+        dead = ", ".join(d.dead_stream for d in busy) if len(busy) <= 5 else "their dead streams"
+        where = "stream" if len(busy) == 1 else "streams"
         confirm(
-            f"Delete {count} dead letter(s){older} of stream {settings.stream} "
-            f"(table {settings.dlq_table} and stream {settings.dead_stream})?",
+            f"Delete {count} dead letter(s){older} of {_which(busy)} "
+            f"(table {settings.dlq_table} and {where} {dead})?",
             yes,
             interactive,
         )
-        rows, trimmed = await dlq.purge(cutoff)
+        rows = trimmed = 0
+        for dlq in busy:
+            purged, cut = await dlq.purge(cutoff)
+            rows, trimmed = rows + purged, trimmed + cut
         out.write(
             f"Purged {rows} dead letter(s) from table {settings.dlq_table} and "
-            f"{trimmed} from stream {settings.dead_stream}.\n"
+            f"{trimmed} from {where} {dead}.\n"
         )
         return rows, trimmed
 
-    result: tuple[int, int] = await _with_dlq(settings, work)
+    result: tuple[int, int] = await _with_dlq(settings, names, work)
     return result

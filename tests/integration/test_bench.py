@@ -16,7 +16,14 @@ from streamd.config.settings import Settings
 from streamd.observability.status_file import read_status_files
 from streamd.tools.bench import RunRows
 from streamd.tools.samples import SampleEvents
-from tests.support.helpers import ServeProcess, count_rows, pg_execute, wait_until, xlen
+from tests.support.helpers import (
+    ServeProcess,
+    count_rows,
+    pg_execute,
+    pg_fetch,
+    wait_until,
+    xlen,
+)
 from tests.support.streamd_cli import explain, run_streamd
 
 pytestmark = pytest.mark.timeout(180)
@@ -165,3 +172,60 @@ async def test_the_verifier_catches_lost_and_duplicated_events(
     assert broken.distinct == 99
     lost, duplicated = 100 - broken.distinct, broken.persisted - broken.distinct
     assert (lost, duplicated) == (1, 1)
+
+
+def test_bench_spreads_over_streams_and_checks_each(
+    env: dict[str, str], start_serve: Callable[..., ServeProcess]
+) -> None:
+    """--streams 2 against running serves: the first two names in `streams`, each stream's events
+    counted on its own. (One serve per stream here, so the test holds with any serve.)"""
+    for stream in ("bench_a", "bench_b"):
+        start_serve(environ={**env, "STREAMD_STREAM": stream}).wait_ready(1)
+    named = {**env, "STREAMD_STREAMS": "bench_a,bench_b,bench_c"}
+    result = run_streamd(
+        named, "bench", "--drain", "4000", "--batch", "500", "--streams", "2", "--json", timeout=150
+    )
+    assert result.returncode == 0, explain(result)
+    report = orjson.loads(result.stdout)
+    assert report["produced"] == report["persisted"] == 4000
+    assert report["exactly_once"] is True
+    assert report["streams"] == {
+        "bench_a": {"produced": 2000, "persisted": 2000},
+        "bench_b": {"produced": 2000, "persisted": 2000},
+    }
+    assert "Writes to: 2 streams bench_a .. bench_b, table events" in result.stderr
+    assert xlen(env["STREAMD_REDIS_URL"], "bench_c") == 0
+
+    too_many = run_streamd(named, "bench", "--drain", "10", "--streams", "4")
+    assert too_many.returncode == 2, explain(too_many)
+    assert "--streams 4 without --serve" in too_many.stderr
+
+
+def test_bench_own_serve_over_streams(env: dict[str, str], settings: Settings) -> None:
+    """--serve --streams 4: its serve consumes bench_events:0 .. :3 into bench_events, and each
+    stream is checked on its own."""
+    result = run_streamd(
+        env,
+        "bench",
+        "--drain",
+        "2000",
+        "--batch",
+        "250",
+        "--serve",
+        "--streams",
+        "4",
+        "--json",
+        timeout=150,
+    )
+    assert result.returncode == 0, explain(result)
+    report = orjson.loads(result.stdout)
+    assert report["produced"] == report["persisted"] == 2000 and report["exactly_once"] is True
+    names = [f"bench_events:{i}" for i in range(4)]
+    assert report["streams"] == {n: {"produced": 500, "persisted": 500} for n in names}
+    assert "Writes to: 4 streams bench_events:0 .. bench_events:3, table bench_events" in (
+        result.stderr
+    )
+    rows = pg_fetch(
+        settings.postgres_dsn, "SELECT stream, count(*) AS n FROM bench_events GROUP BY 1"
+    )
+    assert {r["stream"]: r["n"] for r in rows} == dict.fromkeys(names, 500)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ import pytest
 import streamd.observability.monitor
 from streamd.config.settings import Settings
 from streamd.dev.servers import PostgresServer
-from streamd.observability.monitor import Monitor
+from streamd.observability.frame import render
+from streamd.observability.monitor import Monitor, Snapshot
 from tests.support.helpers import ServeProcess, count_rows, event, pg_execute, wait_until, xadd
 from tests.support.streamd_cli import explain, run_streamd
 
@@ -218,3 +220,37 @@ def test_last_minute_from_insert_counters_once_a_minute_was_watched(
         clock[0] += 5
     assert seen[:12] == [None] * 12  # less than a minute watched
     assert seen[12:] == [60_000] * 8
+
+
+def test_monitor_reads_serves_latency_histogram(
+    env: dict[str, str], settings: Settings, start_serve: Callable[..., ServeProcess]
+) -> None:
+    """With metrics on, the end-to-end latency the workers measured (to COMMIT) is read from the
+    serve's own histogram files: since it started on the first frame, then per interval."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environ = {**env, "STREAMD_METRICS_PORT": str(port)}
+    serve = start_serve(environ=environ)
+    serve.wait_ready(1)
+    url, dsn = settings.redis_url, settings.postgres_dsn
+    xadd(url, [event("t", {"i": i}) for i in range(200)])
+    wait_until(lambda: count_rows(dsn, missing_ok=True) == 200, timeout=30)
+
+    async def frames() -> tuple[Snapshot, Snapshot, Snapshot]:
+        async with Monitor(settings) as m:
+            first, idle = await m.snapshot(), await m.snapshot()
+            await asyncio.to_thread(xadd, url, [event("t", {"i": i}) for i in range(50)])
+            await asyncio.to_thread(wait_until, lambda: count_rows(dsn) == 250, 30)
+            return first, idle, await m.snapshot()
+
+    first, idle, busy = asyncio.run(frames())
+    assert first.serve_latency is not None and first.serve_latency.window == "since start"
+    assert first.serve_latency.p50_ms is not None and first.serve_latency.p50_ms > 0
+    assert first.serve_latency.p99_ms >= first.serve_latency.p50_ms  # type: ignore[operator]
+    assert idle.serve_latency is not None and idle.serve_latency.window == "last interval"
+    assert idle.serve_latency.p50_ms is None  # nothing committed between those two frames
+    assert busy.serve_latency is not None and busy.serve_latency.p50_ms is not None
+    assert "Latency (produced -> commit, serve's histogram, last interval): p50 <= " in render(busy)
+    result = run_streamd(environ, "monitor", "--once", "--json")
+    assert orjson.loads(result.stdout)["serve_latency_ms"]["window"] == "since start"
