@@ -14,12 +14,19 @@ LATENCY_SQL = "greatest(0, extract(epoch FROM ingested_at - produced_at))"
 
 
 async def table_info(conn: asyncpg.Connection, table: str) -> asyncpg.Record | None:
+    """A table's statistics and sizes; of a partitioned table, summed over its partitions (the
+    parent itself holds no rows: its own size and reltuples are 0 and -1)."""
     return await conn.fetchrow(
-        "SELECT c.oid, c.reltuples, c.relpages, n.nspname, c.relname, "
-        "pg_relation_size(c.oid) AS heap_bytes, pg_total_relation_size(c.oid) AS total_bytes, "
-        "current_setting('block_size')::int AS block_size "
-        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = to_regclass($1)",
+        "SELECT c.oid, n.nspname, c.relname, current_setting('block_size')::int AS block_size,"
+        " s.reltuples, s.relpages, s.heap_bytes, s.total_bytes"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, LATERAL ("
+        "  SELECT coalesce(CASE WHEN bool_and(l.reltuples < 0) THEN -1"
+        "   ELSE sum(greatest(l.reltuples, 0)) END, -1)::float8 AS reltuples,"
+        "   coalesce(sum(l.relpages), 0)::bigint AS relpages,"
+        "   coalesce(sum(pg_relation_size(l.oid)), 0)::bigint AS heap_bytes,"
+        "   coalesce(sum(pg_total_relation_size(l.oid)), 0)::bigint AS total_bytes"
+        "  FROM pg_partition_tree(c.oid) t JOIN pg_class l ON l.oid = t.relid WHERE t.isleaf"
+        " ) s WHERE c.oid = to_regclass($1)",
         quote_ident(table),
     )
 

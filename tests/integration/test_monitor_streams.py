@@ -59,8 +59,9 @@ def pipeline(env: dict[str, str]) -> dict[str, str]:
             for entry_id in ids:
                 pg_execute(
                     dsn,
-                    f"INSERT INTO {table} (stream, entry_id, event_type, payload, produced_at) "
-                    "VALUES ($1, $2, $3, '{}', now() - interval '20 ms')",
+                    f"INSERT INTO {table} (stream, entry_id, entry_ms, entry_seq, event_type,"
+                    " payload, produced_at) VALUES ($1, $2, split_part($2, '-', 1)::bigint,"
+                    " split_part($2, '-', 2)::bigint, $3, '{}', now() - interval '20 ms')",
                     stream,
                     entry_id,
                     event_type,
