@@ -33,6 +33,7 @@ from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Consumer
+from streamd.worker.group_watch import GroupWatch
 from streamd.worker.maintenance import Maintenance
 from streamd.worker.reapers import Reapers
 from streamd.worker.redis_needs import serve_needs
@@ -131,11 +132,12 @@ class Worker:
             await stream_set.refresh()
             routes = Routes(s, pool, _both(self.hooks.observer, self.progress.observe))
             prefix = consumer_prefix()
+            watch = GroupWatch()  # what the consumers delivered, for the reapers' looks
             for i in range(s.tasks):
                 readers.append(self._reader(read_client, f"{prefix}:{i}", stream_set))
-                self.consumers.append(Consumer(s, readers[-1], stream_set, routes))
+                self.consumers.append(Consumer(s, readers[-1], stream_set, routes, watch))
             readers.append(self._reader(control, f"{prefix}:reaper", stream_set))
-            self.reaper = Reapers(s, control, readers[-1], stream_set, routes)
+            self.reaper = Reapers(s, control, readers[-1], stream_set, routes, watch)
             for i, consumer in enumerate(self.consumers):
                 tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,7 +33,7 @@ from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.envelope import RawEntry, Rejection
 from streamd.pipeline.retry import log_fault
 from streamd.pipeline.streams import GroupStream
-from streamd.worker.group_watch import GroupWatch
+from streamd.worker.group_watch import GroupWatch, log_moved
 
 # ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an entry it read
 # a moment ago can never be orphaned. Returns -1 when it kept the consumer.
@@ -71,7 +72,12 @@ class Reaper:
     per stream it consumes, a few streams per round (worker/reapers.py)."""
 
     def __init__(
-        self, settings: Settings, client: aioredis.Redis, stream: GroupStream, writer: BatchWriter
+        self,
+        settings: Settings,
+        client: aioredis.Redis,
+        stream: GroupStream,
+        writer: BatchWriter,
+        watch: GroupWatch | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -85,7 +91,7 @@ class Reaper:
         self.host = parts[0] if len(parts) == 3 else None
         self.reclaimed = 0
         self.poisoned = 0
-        self._watch = GroupWatch()
+        self._watch = watch if watch is not None else GroupWatch()  # the worker's, shared
 
     def stop(self) -> None:
         self._stopping.set()
@@ -103,6 +109,7 @@ class Reaper:
         they are gone, a transient fault (a permission revoked, too) logged. Others propagate."""
         try:
             if await self.stream.recover(exc, self.log):
+                self._watch.forget(self.name)
                 return
         except TRANSIENT_ERRORS as again:
             exc = again
@@ -129,8 +136,18 @@ class Reaper:
         """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
         the round's error handling, like any NOGROUP. Returns XINFO GROUPS."""
         s = self.settings
+        sent = self._watch.replies
         groups: list[dict[Any, Any]] = await self.client.xinfo_groups(self.name)
-        self._watch.check(self.name, s.group, groups, self.log)
+        moved = self._watch.check(self.name, s.group, groups, sent)
+        if moved is not None:
+            if moved.now is None and moved.first_again is not None:
+                # The consumers read again before this look: the position was the entry before
+                # the first one delivered again (or the start, when none is left before it).
+                ms, seq = moved.first_again
+                before = await self.client.xrevrange(self.name, f"({ms}-{seq}", "-", count=1)
+                now = id_key(as_text(before[0][0])) if before else (0, 0)
+                moved = replace(moved, now=now)
+            log_moved(self.log, self.name, s.group, moved)
         return groups
 
     # --- reclaim ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from streamd.config.settings import Settings
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Streams
+from streamd.worker.group_watch import GroupWatch
 from streamd.worker.reaper import Reaper
 
 # Streams visited per round (reaper_interval_s): with more, each is visited every
@@ -31,12 +32,14 @@ class Reapers:
         reader: GroupReader,
         streams: Streams,
         routes: Routes,
+        watch: GroupWatch | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.reader = reader  # the reaper's own consumer name; its handles use `client`
         self.streams = streams
         self.routes = routes
+        self.watch = watch if watch is not None else GroupWatch()  # shared with the consumers
         self._reapers: dict[str, Reaper] = {}
         self._next = 0  # where the next round starts in the current streams
         self._stopping = asyncio.Event()
@@ -50,7 +53,11 @@ class Reapers:
         found = self._reapers.get(stream)
         if found is None:
             found = self._reapers[stream] = Reaper(
-                self.settings, self.client, self.reader.stream(stream), self.routes.writer(stream)
+                self.settings,
+                self.client,
+                self.reader.stream(stream),
+                self.routes.writer(stream),
+                self.watch,
             )
         return found
 
