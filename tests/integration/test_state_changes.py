@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from streamd.dev.servers import RedisServer
-from streamd.worker.group_watch import Position, position_change
+from streamd.worker.group_watch import GroupWatch, Moved, Position, position_change
 from tests.support.helpers import (
     ServeProcess,
     count_rows,
@@ -155,3 +155,24 @@ def test_position_change_tells_setid_from_consuming() -> None:
     assert position_change(at(5, 5), at(2, None)) == "back"
     assert position_change(at(5, 5), at(9, None)) == "forward"  # SETID over undelivered entries
     assert position_change(at(5, None), at(9, None)) is None  # already unknown: no new news
+
+
+def test_group_watch_counts_a_delivery_only_against_replies_handled_before_its_read() -> None:
+    def look(position: str, read: int | None) -> list[dict[str, object]]:
+        return [{"name": "g", "last-delivered-id": position, "entries-read": read}]
+
+    watch = GroupWatch()
+    a = b = watch.replies  # two reads in flight; Redis ran a's first
+    watch.delivered("s", b"11-0", b"20-0", b)  # b's reply handled first
+    watch.delivered("s", b"1-0", b"10-0", a)  # not a move back: a was sent before b's reply
+    assert watch.check("s", "g", look("20-0", 20), watch.replies) is None
+    sent = watch.replies
+    watch.delivered("s", b"1-0", b"5-0", sent)  # after 20-0 was delivered: set back
+    watch.delivered("s", b"6-0", b"8-0", sent)  # the same replay, handled out of order
+    moved = watch.check("s", "g", look("8-0", None), watch.replies)
+    assert moved == Moved("back", (20, 0), None, (1, 0))
+    watch.delivered("s", b"9-0", b"12-0", watch.replies)  # the replay goes on: no new move
+    assert watch.check("s", "g", look("12-0", None), watch.replies) is None
+    watch.delivered("s", b"13-0", b"30-0", watch.replies)
+    # A look that finds the position below what was delivered before it was sent.
+    assert watch.check("s", "g", look("0-0", None), watch.replies) == Moved("back", (30, 0), (0, 0))
