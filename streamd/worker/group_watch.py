@@ -47,7 +47,9 @@ def position_change(before: Position, after: Position) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Moved:
     """A position moved by hand. `now` is None when the consumers found it (entries delivered
-    again) before the reaper looked: the reaper fills in the entry before `first_again`."""
+    again, the first of them `first_again`) before the reaper looked: the position set is then
+    known only to be below that entry (finding the entry before it would need XREVRANGE, which
+    serve's ACL does not grant)."""
 
     direction: str
     previous: tuple[int, int]
@@ -139,7 +141,6 @@ class GroupWatch:
 
 
 def log_moved(log: Any, stream: str, group: str, moved: Moved) -> None:
-    assert moved.now is not None
     note = (
         "entries after it are delivered again; rows Postgres already holds are skipped"
         if moved.direction == "back"
@@ -152,7 +153,8 @@ def log_moved(log: Any, stream: str, group: str, moved: Moved) -> None:
         group=group,
         direction=moved.direction,
         previous=as_id(moved.previous),
-        now=as_id(moved.now),
+        now=None if moved.now is None else as_id(moved.now),
+        delivered_again_from=None if moved.first_again is None else as_id(moved.first_again),
         cause="XGROUP SETID (or CREATE) by someone else",
         note=note,
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -140,13 +139,6 @@ class Reaper:
         groups: list[dict[Any, Any]] = await self.client.xinfo_groups(self.name)
         moved = self._watch.check(self.name, s.group, groups, sent)
         if moved is not None:
-            if moved.now is None and moved.first_again is not None:
-                # The consumers read again before this look: the position was the entry before
-                # the first one delivered again (or the start, when none is left before it).
-                ms, seq = moved.first_again
-                before = await self.client.xrevrange(self.name, f"({ms}-{seq}", "-", count=1)
-                now = id_key(as_text(before[0][0])) if before else (0, 0)
-                moved = replace(moved, now=now)
             log_moved(self.log, self.name, s.group, moved)
         return groups
 
