@@ -134,8 +134,10 @@ class GroupWatch:
         else:
             return None
         # From here on the group delivers from its new position: a read sent after this look
-        # gets entries after what it showed (and after the entries delivered again so far).
+        # gets entries after what it showed (and after the entries delivered again so far); one
+        # sent before may not, so the mark gets a number of its own, above any such read's.
         since = max(after.last_delivered, again[2]) if again else after.last_delivered
+        self.replies += 1
         self._high[stream] = (since, self.replies)
         return moved
 

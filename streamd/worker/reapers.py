@@ -74,6 +74,7 @@ class Reapers:
             wanted = set(names)
             for gone in [n for n in self._reapers if n not in wanted]:
                 del self._reapers[gone]
+                self.watch.forget(gone)
         if not names:
             return
         start = self._next % len(names)

@@ -178,3 +178,16 @@ def test_group_watch_counts_a_delivery_only_against_replies_handled_before_its_r
     watch.delivered("s", b"13-0", b"30-0", watch.replies)
     # A look that finds the position below what was delivered before it was sent.
     assert watch.check("s", "g", look("0-0", None), watch.replies) == Moved("back", (30, 0), (0, 0))
+
+
+def test_group_watch_a_read_in_flight_during_the_look_is_not_a_second_move() -> None:
+    def look(position: str) -> list[dict[str, object]]:
+        return [{"name": "g", "last-delivered-id": position, "entries-read": None}]
+
+    watch = GroupWatch()
+    watch.delivered("s", b"1-0", b"20-0", watch.replies)
+    in_flight = watch.replies  # sent now; Redis runs it after the SETID back, before the look
+    moved = watch.check("s", "g", look("5-0"), watch.replies)
+    assert moved == Moved("back", (20, 0), (5, 0))
+    watch.delivered("s", b"1-0", b"5-0", in_flight)
+    assert watch.check("s", "g", look("5-0"), watch.replies) is None
