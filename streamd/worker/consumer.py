@@ -26,6 +26,7 @@ from streamd.pipeline.batch import BatchReport, BatchWriter, InPart
 from streamd.pipeline.reader import GroupReader, StreamEntries
 from streamd.pipeline.retry import log_fault
 from streamd.pipeline.routes import Routes
+from streamd.worker.group_watch import GroupWatch
 
 
 class Streams(Protocol):
@@ -39,12 +40,19 @@ class Consumer:
     """One consumer task of the group, named `<host>:<pid>:<task>`, reading every stream."""
 
     def __init__(
-        self, settings: Settings, reader: GroupReader, streams: Streams, routes: Routes
+        self,
+        settings: Settings,
+        reader: GroupReader,
+        streams: Streams,
+        routes: Routes,
+        watch: GroupWatch | None = None,
     ) -> None:
         self.settings = settings
         self.reader = reader
         self.streams = streams
         self.routes = routes
+        # The worker's, shared with its reapers: what `>` delivered tells an XGROUP SETID back.
+        self.watch = watch if watch is not None else GroupWatch()
         self.log = get_logger(consumer=reader.consumer)
         self._stopping = asyncio.Event()
         self._refreshes_seen = -1
@@ -113,6 +121,8 @@ class Consumer:
         self._check_own_pending = True
         try:
             if await self.reader.recover(exc, names, self.log):  # stream or group deleted
+                for name in names:
+                    self.watch.forget(name)
                 return True
         except TRANSIENT_ERRORS as again:  # Redis went away while we recreated them
             exc = again
@@ -147,12 +157,14 @@ class Consumer:
         asking: tuple[str, ...] | list[str] = names
         while total < s.batch_size and not self.stopping:
             count = max(1, min(s.read_count, (s.batch_size - total) // len(asking)))
+            sent = self.watch.replies
             got = await self.reader.read(asking, count, None if held else s.block_ms)
             if not got:
                 break
             if not held:
                 deadline = time.monotonic() + s.batch_timeout_s
             for stream, entries in got:
+                self.watch.delivered(stream.stream, entries[0][0], entries[-1][0], sent)
                 before = held.get(stream.stream)
                 if before is None:
                     held[stream.stream] = (stream, entries)

@@ -38,6 +38,7 @@ from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Consumer
+from streamd.worker.group_watch import GroupWatch
 from streamd.worker.liveness import Liveness, worker_prefix
 from streamd.worker.maintenance import Maintenance
 from streamd.worker.reapers import Reapers
@@ -148,11 +149,14 @@ class Worker:
             await self.liveness.renew()
             # Not among `tasks`: it runs until the drain is over, not until the drain starts.
             self._liveness_task = asyncio.create_task(self.liveness.run(), name="liveness")
+            watch = GroupWatch()  # what the consumers delivered, for the reapers' looks
             for i in range(s.tasks):
                 readers.append(self._reader(read_client, f"{prefix}:{i}", stream_set))
-                self.consumers.append(Consumer(s, readers[-1], stream_set, routes))
+                self.consumers.append(Consumer(s, readers[-1], stream_set, routes, watch))
             readers.append(self._reader(control, f"{prefix}:reaper", stream_set))
-            self.reaper = Reapers(s, control, readers[-1], stream_set, routes, self.liveness)
+            self.reaper = Reapers(
+                s, control, readers[-1], stream_set, routes, self.liveness, watch=watch
+            )
             for i, consumer in enumerate(self.consumers):
                 tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))

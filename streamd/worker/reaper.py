@@ -32,7 +32,7 @@ from streamd.pipeline.batch import BatchWriter
 from streamd.pipeline.envelope import RawEntry, Rejection
 from streamd.pipeline.retry import log_fault
 from streamd.pipeline.streams import GroupStream
-from streamd.worker.group_watch import GroupWatch
+from streamd.worker.group_watch import GroupWatch, log_moved
 from streamd.worker.liveness import Liveness
 
 # ARGV: group, consumer. Deletes the consumer only if it has nothing pending, so an entry it read
@@ -78,6 +78,7 @@ class Reaper:
         stream: GroupStream,
         writer: BatchWriter,
         liveness: Liveness | None = None,
+        watch: GroupWatch | None = None,
     ) -> None:
         self.settings = settings
         # Whose liveness key has expired (worker/liveness.py); None: only this host's dead pids.
@@ -94,7 +95,7 @@ class Reaper:
         self.host = parts[0] if len(parts) == 3 else None
         self.reclaimed = 0
         self.poisoned = 0
-        self._watch = GroupWatch()
+        self._watch = watch if watch is not None else GroupWatch()  # the worker's, shared
 
     def stop(self) -> None:
         self._stopping.set()
@@ -112,6 +113,7 @@ class Reaper:
         they are gone, a transient fault (a permission revoked, too) logged. Others propagate."""
         try:
             if await self.stream.recover(exc, self.log):
+                self._watch.forget(self.name)
                 return
         except TRANSIENT_ERRORS as again:
             exc = again
@@ -138,8 +140,11 @@ class Reaper:
         """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
         the round's error handling, like any NOGROUP. Returns XINFO GROUPS."""
         s = self.settings
+        sent = self._watch.replies
         groups: list[dict[Any, Any]] = await self.client.xinfo_groups(self.name)
-        self._watch.check(self.name, s.group, groups, self.log)
+        moved = self._watch.check(self.name, s.group, groups, sent)
+        if moved is not None:
+            log_moved(self.log, self.name, s.group, moved)
         return groups
 
     # --- reclaim ---------------------------------------------------------------------------

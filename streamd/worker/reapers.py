@@ -16,6 +16,7 @@ from streamd.config.settings import Settings
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Streams
+from streamd.worker.group_watch import GroupWatch
 from streamd.worker.liveness import Liveness
 from streamd.worker.reaper import Reaper
 
@@ -33,6 +34,7 @@ class Reapers:
         streams: Streams,
         routes: Routes,
         liveness: Liveness | None = None,
+        watch: GroupWatch | None = None,
     ) -> None:
         self.settings = settings
         self.liveness = liveness
@@ -40,6 +42,7 @@ class Reapers:
         self.reader = reader  # the reaper's own consumer name; its handles use `client`
         self.streams = streams
         self.routes = routes
+        self.watch = watch if watch is not None else GroupWatch()  # shared with the consumers
         self._reapers: dict[str, Reaper] = {}
         self._next = 0  # where the next round starts in the current streams
         self._stopping = asyncio.Event()
@@ -58,6 +61,7 @@ class Reapers:
                 self.reader.stream(stream),
                 self.routes.writer(stream),
                 self.liveness,
+                watch=self.watch,
             )
         return found
 
@@ -74,6 +78,7 @@ class Reapers:
             wanted = set(names)
             for gone in [n for n in self._reapers if n not in wanted]:
                 del self._reapers[gone]
+                self.watch.forget(gone)
         if not names:
             return
         start = self._next % len(names)
