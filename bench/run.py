@@ -266,16 +266,22 @@ class Contender:
     consumers: int = 0
 
     def start(self, lab: Lab, tag: str) -> subprocess.Popen[bytes]:
-        log = open(lab.logs / f"{self.name}-{tag}.log", "wb")  # noqa: SIM115 - lives with proc
         if self.group == "streamd":
             argv = [sys.executable, "-m", "streamd", "serve"]
         elif self.group == "faststream":
             argv = FASTSTREAM_RUN
         else:
             argv = [sys.executable, "-m", "bench.seed_baseline", lab.redis_url, lab.dsn]
-        return subprocess.Popen(
-            argv, env=lab.env(**self.env), stdout=log, stderr=log, cwd=ROOT, start_new_session=True
-        )
+        # the child has its own copy of the file: ours is closed at once (no leak per start)
+        with open(lab.logs / f"{self.name}-{tag}.log", "wb") as log:
+            return subprocess.Popen(
+                argv,
+                env=lab.env(**self.env),
+                stdout=log,
+                stderr=log,
+                cwd=ROOT,
+                start_new_session=True,
+            )
 
 
 # The seed on its own table, as it was designed: the text key, one heap.
