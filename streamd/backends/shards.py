@@ -9,6 +9,7 @@ every shard (pending 0, nothing undelivered), then lower `shards`.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from streamd.common.text import as_text
 from streamd.config.settings import Settings
@@ -40,8 +41,11 @@ async def check_shrink(client: aioredis.Redis, settings: Settings) -> None:
         index = settings.shards if settings.shards > 1 else 0
         while index < MAX_SHARDS:
             key = f"{name}:{{{index}}}"
-            if not await client.exists(key):
-                break
+            try:
+                if not await client.exists(key):
+                    break
+            except redis.exceptions.NoPermissionError:
+                break  # the ACL keeps serve from this key: no shard of ours was ever there
             if await unfinished(client, key, settings.group):
                 raise BootError(
                     f"stream {name!r}: shard {key!r} still holds entries not yet ingested, "

@@ -26,16 +26,19 @@ from streamd.backends.connections import (
     redis_client,
     resolve_cluster,
 )
-from streamd.backends.faults import describe
+from streamd.backends.faults import TRANSIENT_ERRORS, describe
 from streamd.backends.preflight import preflight
 from streamd.backends.redis_acl import Refusal, grant, username
 from streamd.backends.shards import check_shrink
+from streamd.common.aio import wait_event
+from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.log import bind_context, get_logger
 from streamd.observability.progress import ProgressLog
 from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.reader import GroupReader
+from streamd.pipeline.retry import log_fault
 from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Consumer
 from streamd.worker.group_watch import GroupWatch
@@ -217,12 +220,22 @@ class Worker:
         await _close_pool(pool)
 
     async def _check_shards(self) -> None:
-        """Refuse to start when a shard beyond `shards` still holds work (backends/shards.py)."""
-        client = redis_client(self.settings)
-        try:
-            await check_shrink(client, self.settings)
-        finally:
-            await client.aclose()
+        """Refuse to start when a shard beyond `shards` still holds work (backends/shards.py).
+        Redis going away meanwhile is retried, as every other start-up step is."""
+        s = self.settings
+        backoff = Backoff(s.retry_initial_s, s.retry_max_s)
+        while True:
+            client = redis_client(s)
+            try:
+                await check_shrink(client, s)
+                return
+            except TRANSIENT_ERRORS as exc:
+                delay = backoff.next_delay()
+                log_fault(self.log, "shards_check", exc, retry_in_s=round(delay, 3))
+            finally:
+                await client.aclose()
+            if await wait_event(self._stop, delay):
+                return  # told to stop: there is nothing to start
 
     async def _release_liveness(self) -> None:
         """After a complete drain nothing of ours is pending: let reapers know at once. After
