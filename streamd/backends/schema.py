@@ -1,4 +1,5 @@
-"""Applying init.sql: the events and dead-letter tables, with names from the config."""
+"""Applying init.sql: the events and dead-letter tables, with names from the config; then the
+typed tables of [tables.<name>] sections (typed_schema.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import asyncpg
 
 from streamd.backends.connections import transaction
+from streamd.backends.typed_schema import apply_typed_schema
 from streamd.config.settings import Settings
 
 
@@ -36,3 +38,4 @@ async def apply_schema(conn: asyncpg.Connection, settings: Settings) -> None:
             settings.dlq_table,
         )
         await conn.execute(init_sql())
+        await apply_typed_schema(conn, settings)  # [tables.<name>] sections with columns

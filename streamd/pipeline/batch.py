@@ -21,7 +21,7 @@ from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
 from streamd.pipeline.retry import retry_transient
-from streamd.pipeline.sink import PostgresSink, WriteResult
+from streamd.pipeline.sink import Sink, WriteResult
 from streamd.pipeline.streams import GroupStream
 
 
@@ -55,7 +55,7 @@ class BatchWriter:
         self,
         settings: Settings,
         pool: asyncpg.Pool,
-        sink: PostgresSink,
+        sink: Sink,
         observer: BatchObserver | None = None,
     ) -> None:
         self.settings = settings

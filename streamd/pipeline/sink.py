@@ -19,6 +19,7 @@ import re
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import asyncpg
 
@@ -90,6 +91,16 @@ class WriteResult:
 
 
 _Method = Callable[[asyncpg.Connection, list[Row]], Awaitable[int]]
+
+
+class Sink(Protocol):
+    """What BatchWriter needs of a sink: this one (the events layout) or a typed table's."""
+
+    stream: str
+
+    async def write(
+        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult: ...
 
 
 class PostgresSink:
@@ -166,9 +177,9 @@ class PostgresSink:
                 if isinstance(exc, asyncpg.UniqueViolationError):
                     raise
                 if len(rows) == 1:
-                    result.refused.append(_refusal(rows[0], exc))
+                    result.refused.append(refusal(rows[0], exc))
                     return
-                bad = _failing_row(exc, len(rows))
+                bad = failing_row(exc, len(rows))
                 if bad is None:  # no line number: bisect
                     middle = len(rows) // 2
                     await self._insert_isolating(conn, rows[:middle], method, result)
@@ -176,7 +187,7 @@ class PostgresSink:
                     continue
                 if bad:
                     await self._insert_isolating(conn, rows[:bad], method, result)
-                result.refused.append(_refusal(rows[bad], exc))
+                result.refused.append(refusal(rows[bad], exc))
                 rows = rows[bad + 1 :]
             else:
                 result.inserted += inserted
@@ -205,7 +216,7 @@ class PostgresSink:
         return int(status.rsplit(" ", 1)[-1])
 
 
-def _failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:
+def failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:
     """The index of the row a COPY error names ("COPY events, line 7, ..."), if any."""
     found = _COPY_LINE.search(getattr(exc, "context", None) or "")
     if found is None:
@@ -222,7 +233,7 @@ _REASONS = {
 }
 
 
-def _refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
+def refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
     where = getattr(exc, "context", None) or ""
     column = re.search(r"column (\w+)", where)
     field_name = {"payload": "data", "event_type": "type", "meta": "meta"}.get(

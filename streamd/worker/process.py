@@ -30,8 +30,8 @@ from streamd.errors import StreamdError
 from streamd.observability.log import bind_context, get_logger
 from streamd.observability.progress import ProgressLog
 from streamd.pipeline.batch import BatchObserver, BatchReport, BatchWriter
-from streamd.pipeline.sink import PostgresSink
 from streamd.pipeline.streams import GroupStream
+from streamd.pipeline.typed_sink import sink_for
 from streamd.worker.consumer import Consumer
 from streamd.worker.reaper import Reaper
 from streamd.worker.redis_needs import serve_needs
@@ -123,7 +123,7 @@ class Worker:
         tasks: list[asyncio.Task[None]] = []
         self.progress = ProgressLog(s, control)
         try:
-            sink = PostgresSink(s.stream, s.events_table, s.dlq_table)
+            sink = sink_for(s, s.stream)
             writer = BatchWriter(s, pool, sink, _both(self.hooks.observer, self.progress.observe))
             prefix = consumer_prefix()
             for i in range(s.tasks):

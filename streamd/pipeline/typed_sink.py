@@ -1,0 +1,225 @@
+"""The Postgres side of a batch for a typed table ([tables.<name>] with columns): append or upsert.
+
+A batch is COPYed (binary) into a staging table of the transaction, then moved into the table
+by one statement (typed_sql.py): Postgres takes the columns out of the payload and casts them.
+Everything, dead-letter rows included, commits in one transaction, and a replay changes nothing:
+append hits the (stream, entry_id) key, an upsert compares stream positions.
+
+The common case is one try: stage, move, commit. When Postgres refuses a row, the transaction is
+rolled back and the batch goes the careful way, with savepoints: a payload Postgres cannot parse
+is split off by its COPY line (as in sink.py); a value a column cannot take is found by a check
+function (typed_sql.check_function) that names the column, and the entry becomes a dead letter
+with reason `invalid_column`; its neighbours land. What no check explains (a constraint added by
+hand) is found entry by entry, with Postgres's own message.
+
+Upserts into a table with delete_types take a transaction-level advisory lock on the table
+before they move the batch: a delete and an older update of the same key in two concurrent
+transactions could otherwise each miss the other's tombstone. Without deletes, concurrent
+batches meet only on row locks, taken in key order (the batch is sorted by key).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import asyncpg
+
+from streamd.backends.connections import transaction
+from streamd.backends.sql import quote_ident
+from streamd.config.settings import Settings
+from streamd.config.tables import TableSpec, route
+from streamd.pipeline import dead_letters as dlq
+from streamd.pipeline import typed_sql
+from streamd.pipeline.envelope import ENTRY_ID, EVENT_TYPE, FIELDS, Rejection, Row
+from streamd.pipeline.sink import (
+    ROW_ERRORS,
+    PostgresSink,
+    Sink,
+    WriteResult,
+    encode_copy,
+    failing_row,
+    refusal,
+)
+
+_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"
+
+
+class _RowRefused(Exception):
+    """The fast try met a row Postgres refuses: roll it back and take the careful way."""
+
+
+def sink_for(settings: Settings, stream: str) -> Sink:
+    """The sink for a stream's entries: a typed table's when its [tables.<name>] section
+    declares columns, else the events table's (as before typed tables)."""
+    spec = route(settings.tables, stream)
+    if spec is not None and spec.typed:
+        return TypedSink(stream, spec, settings.dlq_table)
+    return PostgresSink(stream, settings.events_table, settings.dlq_table)
+
+
+class TypedSink:
+    """Writes batches of one stream into one typed table and the DLQ table."""
+
+    def __init__(self, stream: str, spec: TableSpec, dlq_table: str) -> None:
+        self.stream = stream
+        self.spec = spec
+        self.events_table = spec.name
+        wanted = (*spec.types, *spec.delete_types) if spec.types else ()
+        self._wanted = frozenset(t.encode() for t in wanted)
+        self._upsert = spec.mode == "upsert"
+        self._deletes = list(spec.delete_types)
+        self._move_sql = typed_sql.upsert_sql(spec) if self._upsert else typed_sql.append_sql(spec)
+        self._check_create, self._check_sql = typed_sql.check_function(spec)
+        self._lock_key = f"streamd.upsert.{spec.name}" if self._upsert and spec.delete_types else ""
+        encoded = stream.encode()
+        self._row_start = (
+            struct.pack(">h", len(typed_sql.STAGE_COLUMNS)) + struct.pack(">i", len(encoded))
+        ) + encoded
+        self._dlq_insert = dlq.insert_sql(quote_ident(dlq_table))
+
+    async def write(
+        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult:
+        """Commit rows and dead-letter rows in one transaction. Transient errors propagate.
+
+        Entries whose type the section's `types` leaves out are skipped (acknowledged, not
+        stored): they count as neither inserted nor duplicates."""
+        if self._wanted:
+            rows = [r for r in rows if r[EVENT_TYPE] in self._wanted]
+        if rows:
+            try:
+                return await self._write_fast(conn, rows, rejects)
+            except _RowRefused:
+                pass
+        result = WriteResult()
+        async with transaction(conn):
+            if rows:
+                await conn.execute(typed_sql.STAGE_CREATE)
+                staged: list[Row] = []
+                await self._stage_isolating(conn, rows, result, staged)
+                if staged:
+                    await self._move_isolating(conn, staged, result)
+            dead = rejects + result.refused
+            if dead:
+                await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, dead))
+        return result
+
+    async def _write_fast(
+        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult:
+        try:
+            async with transaction(conn):
+                await conn.execute(typed_sql.STAGE_CREATE)
+                await self._copy(conn, rows)
+                changed = await self._move(conn, None)
+                if rejects:
+                    await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
+        except ROW_ERRORS as exc:
+            raise _RowRefused from exc
+        return WriteResult(inserted=changed, duplicates=len(rows) - changed)
+
+    async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> None:
+        await conn.copy_to_table(
+            typed_sql.STAGE,
+            source=encode_copy(self._row_start, rows),
+            columns=typed_sql.STAGE_COLUMNS,
+            format="binary",
+        )
+
+    async def _move(self, conn: asyncpg.Connection, only: str | None) -> int:
+        """Move the stage (or one entry of it) into the table; how many entries changed it."""
+        if self._lock_key:
+            await conn.execute(_LOCK, self._lock_key)
+        if not self._upsert:
+            status = await conn.execute(self._move_sql, only)
+            return int(status.rsplit(" ", 1)[-1])
+        counts = await conn.fetchrow(self._move_sql, self._deletes, only)
+        return int(counts["upserted"]) + int(counts["deleted"])
+
+    async def _stage_isolating(
+        self, conn: asyncpg.Connection, rows: list[Row], result: WriteResult, staged: list[Row]
+    ) -> None:
+        """COPY rows into the stage; a payload Postgres cannot parse goes to result.refused."""
+        while rows:
+            try:
+                async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
+                    await self._copy(conn, rows)
+            except ROW_ERRORS as exc:
+                if len(rows) == 1:
+                    result.refused.append(refusal(rows[0], exc))
+                    return
+                bad = failing_row(exc, len(rows))
+                if bad is None:  # no line number: bisect
+                    middle = len(rows) // 2
+                    await self._stage_isolating(conn, rows[:middle], result, staged)
+                    rows = rows[middle:]
+                    continue
+                if bad:
+                    await self._stage_isolating(conn, rows[:bad], result, staged)
+                result.refused.append(refusal(rows[bad], exc))
+                rows = rows[bad + 1 :]
+            else:
+                staged.extend(rows)
+                return
+
+    async def _move_isolating(
+        self, conn: asyncpg.Connection, staged: list[Row], result: WriteResult
+    ) -> None:
+        """Move the stage into the table; entries with values a column refuses are dead letters."""
+        by_id = {row[ENTRY_ID].decode(): row for row in staged}
+        checked = False
+        while by_id:
+            try:
+                async with conn.transaction():
+                    changed = await self._move(conn, None)
+            except ROW_ERRORS:
+                if checked:
+                    break  # refused for a reason the column check does not see
+                checked = True
+                bad = await self._bad_values(conn)
+                if not bad:
+                    break
+                await conn.execute(
+                    f"DELETE FROM {typed_sql.STAGE} WHERE entry_id = ANY($1::text[])", list(bad)
+                )
+                for entry_id, problem in bad.items():
+                    row = by_id.pop(entry_id)
+                    result.refused.append(
+                        Rejection(row[ENTRY_ID], row[FIELDS], "invalid_column", problem)
+                    )
+                continue
+            result.inserted += changed
+            result.duplicates += len(by_id) - changed
+            return
+        await self._move_one_by_one(conn, by_id, result)
+
+    async def _bad_values(self, conn: asyncpg.Connection) -> dict[str, str]:
+        """entry ID -> "column amount (numeric): <Postgres's message>" for each staged entry
+        with a value its column cannot take (or an upsert key that is missing)."""
+        await conn.execute(self._check_create)
+        found = await conn.fetch(self._check_sql, self._deletes)
+        types = {c.name: c for c in self.spec.columns}
+        out: dict[str, str] = {}
+        for record in found:
+            pairs: list[Any] = record["bad"]
+            problems = []
+            for name, message in zip(pairs[::2], pairs[1::2], strict=True):
+                column = types[name]
+                source = "$." + ".".join(column.path)
+                problems.append(f"column {name} ({column.pg_type}, from {source}): {message}")
+            out[record["entry_id"]] = "; ".join(problems)
+        return out
+
+    async def _move_one_by_one(
+        self, conn: asyncpg.Connection, by_id: dict[str, Row], result: WriteResult
+    ) -> None:
+        for entry_id, row in by_id.items():
+            try:
+                async with conn.transaction():
+                    changed = await self._move(conn, entry_id)
+            except ROW_ERRORS as exc:
+                result.refused.append(refusal(row, exc))
+            else:
+                result.inserted += changed
+                result.duplicates += 1 - changed

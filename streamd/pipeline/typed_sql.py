@@ -1,0 +1,191 @@
+"""The SQL of a typed table's batch, built once per table from its [tables.<name>] section.
+
+A batch is first COPYed (binary, the envelope and the JSON payload as they are) into STAGE, a
+temporary table of the transaction; then one statement moves it into the table. Postgres itself
+takes each declared column out of the payload (`payload #>> '{totals,amount}'`) and casts it, so
+numbers keep every digit they were sent with, and JSON means what `->>` means.
+
+Upsert position: an entry's place is (entry_ms, entry_seq, stream), its entry ID's two numbers
+and then its stream's name. Within one stream that is the stream's order; across several streams
+feeding one table the later entry ID wins (Redis' clock at XADD), and the stream's name breaks a
+tie, so every entry has one fixed place and a replay always compares equal: it changes nothing.
+
+Every name here comes from the validated config (identifiers, JSON path keys, type names that
+match config.tables.PG_TYPE) and is quoted as an identifier; event types travel as parameters.
+"""
+
+from __future__ import annotations
+
+import re
+
+from streamd.backends.sql import quote_ident
+from streamd.backends.typed_schema import tombstone_table
+from streamd.config.tables import ColumnSpec, TableSpec
+
+STAGE = "streamd_typed_stage"
+STAGE_COLUMNS = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
+# Temporary and dropped at COMMIT: behind a pooler in transaction mode, the next transaction may
+# run on another server session, so nothing may outlive this one.
+STAGE_CREATE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (stream text, entry_id text, event_type text,"
+    " payload jsonb, produced_at timestamptz, meta jsonb) ON COMMIT DROP"
+)
+POSITION = ("entry_ms", "entry_seq", "stream")
+# The (…) of varchar(20) or numeric(12,2): a value is cast to the type without it, and the
+# column's own assignment applies it (so an over-long text is refused, as COPY would, rather
+# than cut to length as an explicit cast does).
+_MODIFIER = re.compile(r"\(\d+(, ?\d+)?\)")
+
+
+def base_type(pg_type: str) -> str:
+    return _MODIFIER.sub("", pg_type)
+
+
+def value_expr(column: ColumnSpec, payload: str = "s.payload") -> str:
+    """The SQL expression of a column's value, taken from a jsonb payload."""
+    path = "{" + ",".join(column.path) + "}"
+    node = f"({payload} #> '{path}')"
+    base = base_type(column.pg_type)
+    if base == "jsonb":
+        return node
+    if base == "json":
+        return f"{node}::json"
+    text = f"({payload} #>> '{path}')"
+    if base.endswith("[]"):
+        # A JSON array fills an array column element by element; a string is an array literal.
+        return (
+            f"CASE jsonb_typeof({node}) WHEN 'array' THEN"
+            f" ARRAY(SELECT jsonb_array_elements_text({node}))::{base} ELSE {text}::{base} END"
+        )
+    return f"{text}::{base}"
+
+
+def envelope_columns(spec: TableSpec) -> list[str]:
+    """The envelope columns a row takes from the stage (typed_schema.envelope_layout)."""
+    columns = ["stream", "entry_id", "event_type", "produced_at", "meta"]
+    if spec.keep_payload:
+        columns.insert(3, "payload")
+    return columns
+
+
+def _names(names: list[str] | tuple[str, ...], prefix: str = "") -> str:
+    return ", ".join(prefix + quote_ident(n) for n in names)
+
+
+def _position(alias: str) -> str:
+    return "(" + ", ".join(f"{alias}.{c}" for c in POSITION) + ")"
+
+
+# Both statements take, last, the entry ID to move alone (NULL: the whole stage), for the rare
+# batch whose refusal no column check explains; an upsert's $1 is the event types that delete.
+def _only(n: int) -> str:
+    return f"(${n}::text IS NULL OR s.entry_id = ${n})"
+
+
+def append_sql(spec: TableSpec) -> str:
+    """Append: every staged entry becomes a row; a replayed one hits (stream, entry_id)."""
+    declared = [c.name for c in spec.columns]
+    envelope = envelope_columns(spec)
+    values = ", ".join([*(value_expr(c) for c in spec.columns), *(f"s.{e}" for e in envelope)])
+    return (
+        f"INSERT INTO {quote_ident(spec.name)} ({_names(declared + envelope)})"
+        f" SELECT {values} FROM {STAGE} s WHERE {_only(1)}"
+        " ON CONFLICT (stream, entry_id) DO NOTHING"
+    )
+
+
+def upsert_sql(spec: TableSpec) -> str:
+    """Upsert: the batch folded to its latest entry per key, then one statement for the rows
+    that change (each only where its position is newer than the row's, or the tombstone's).
+    Returns one row: (upserted, deleted), the entries that changed the table."""
+    table = quote_ident(spec.name)
+    key = list(spec.key)
+    declared = [c.name for c in spec.columns]
+    envelope = envelope_columns(spec)
+    # Deletes need their key only: their other columns are not cast (and not checked).
+    casts = ", ".join(
+        (
+            value_expr(c)
+            if c.name in key
+            else f"CASE WHEN streamd_delete THEN NULL ELSE {value_expr(c)} END"
+        )
+        + f" AS {quote_ident(c.name)}"
+        for c in spec.columns
+    )
+    latest = (
+        f"SELECT DISTINCT ON ({_names(key)}) * FROM (SELECT {casts}, s.*,"
+        " split_part(s.entry_id, '-', 1)::bigint AS entry_ms,"
+        " split_part(s.entry_id, '-', 2)::numeric AS entry_seq"
+        f" FROM (SELECT *, event_type = ANY($1::text[]) AS streamd_delete FROM {STAGE}) s"
+        f" WHERE {_only(2)}) x ORDER BY {_names(key)}, entry_ms DESC, entry_seq DESC, stream DESC"
+    )
+    row_columns = [*declared, *envelope, "entry_ms", "entry_seq"]
+    updates = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in row_columns)
+    on_key = " AND ".join(f"r.{quote_ident(k)} = b.{quote_ident(k)}" for k in key)
+    newer = f"{_position('r')} < {_position('EXCLUDED')}"
+    ctes = [f"b AS MATERIALIZED ({latest})"]
+    put_where = "NOT b.streamd_delete"
+    counts = ["(SELECT count(*) FROM put)", "0"]
+    if spec.delete_types:
+        tombs = quote_ident(tombstone_table(spec))
+        tomb_cols = [*key, "stream", "entry_id", "entry_ms", "entry_seq"]
+        tomb_updates = ", ".join(
+            f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in tomb_cols[len(key) :]
+        )
+        ctes.append(
+            f"tomb AS (INSERT INTO {tombs} AS r ({_names(tomb_cols)})"
+            f" SELECT {_names(tomb_cols, 'b.')} FROM b WHERE b.streamd_delete"
+            f" ON CONFLICT ({_names(key)}) DO UPDATE SET {tomb_updates}, deleted_at = now()"
+            f" WHERE {newer} RETURNING 1)"
+        )
+        ctes.append(
+            f"gone AS (DELETE FROM {table} r USING b WHERE b.streamd_delete AND {on_key}"
+            f" AND {_position('r')} < {_position('b')} RETURNING 1)"
+        )
+        put_where += (
+            f" AND NOT EXISTS (SELECT 1 FROM {tombs} r WHERE {on_key}"
+            f" AND {_position('r')} >= {_position('b')})"
+        )
+        counts[1] = "(SELECT count(*) FROM tomb)"
+    ctes.append(
+        f"put AS (INSERT INTO {table} AS r ({_names(row_columns)})"
+        f" SELECT {_names(row_columns, 'b.')} FROM b WHERE {put_where}"
+        f" ON CONFLICT ({_names(key)}) DO UPDATE SET {updates}, ingested_at = now()"
+        f" WHERE {newer} RETURNING 1)"
+    )
+    return f"WITH {', '.join(ctes)} SELECT {counts[0]} AS upserted, {counts[1]} AS deleted"
+
+
+def check_function(spec: TableSpec) -> tuple[str, str]:
+    """(CREATE statement, call) of a function that names each column of a payload that the
+    table cannot take, with Postgres's own message: (payload, is_delete) -> text[] as
+    [column, message, column, message, ...]. Each value is assigned to a variable of the
+    column's exact type, which refuses what the INSERT would refuse. Only run after a batch
+    was refused; made in pg_temp (this session's, dropped with it), within the transaction."""
+    name = f"pg_temp.{quote_ident('streamd_check_' + spec.name)}"
+    declare = "".join(f"v{i} {c.pg_type}; " for i, c in enumerate(spec.columns))
+    body = []
+    for i, c in enumerate(spec.columns):
+        label = c.name  # [a-z_][a-z0-9_]*: safe in a literal
+        step = (
+            f"BEGIN v{i} := {value_expr(c, 'p')}; EXCEPTION WHEN data_exception"
+            f" OR integrity_constraint_violation THEN bad := bad || ARRAY['{label}', SQLERRM]; END;"
+        )
+        if c.name in spec.key:
+            step += (
+                f" IF v{i} IS NULL AND NOT '{label}' = ANY(bad) THEN bad := bad ||"
+                f" ARRAY['{label}', 'missing: a key column needs a value']; END IF;"
+            )
+        else:
+            step = f"IF NOT d THEN {step} END IF;"
+        body.append(step)
+    create = (
+        f"CREATE OR REPLACE FUNCTION {name}(p jsonb, d boolean) RETURNS text[]"
+        f" LANGUAGE plpgsql AS $f$ DECLARE {declare}bad text[] := '{{}}'; BEGIN"
+        f" {' '.join(body)} RETURN bad; END $f$"
+    )
+    call = (
+        f"SELECT entry_id, bad FROM (SELECT entry_id, {name}(payload, event_type = ANY($1::text[]))"
+        f" AS bad FROM {STAGE}) c WHERE cardinality(bad) > 0"
+    )
+    return create, call
