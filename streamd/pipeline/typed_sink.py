@@ -5,12 +5,13 @@ by one statement (typed_sql.py): Postgres takes the columns out of the payload a
 Everything, dead-letter rows included, commits in one transaction, and a replay changes nothing:
 append hits the (stream, entry_id) key, an upsert compares stream positions.
 
-The common case is one try: stage, move, commit. When Postgres refuses a row, the transaction is
-rolled back and the batch goes the careful way, with savepoints: a payload Postgres cannot parse
-is split off by its COPY line (as in sink.py); a value a column cannot take is found by a check
-function (typed_sql.check_function) that names the column, and the entry becomes a dead letter
-with reason `invalid_column`; its neighbours land. What no check explains (a constraint added by
-hand) is found entry by entry, with Postgres's own message.
+The common case is one try: stage, move, commit (an append with a plain INSERT). When Postgres
+refuses a row (or an append meets a row already there: a replay), the transaction is rolled back
+and the batch goes the careful way, with savepoints (an append now with ON CONFLICT DO NOTHING):
+a payload Postgres cannot parse is split off by its COPY line (as in sink.py); a value a column
+cannot take is found by a check function (typed_sql.check_function) that names the column, and
+the entry becomes a dead letter with reason `invalid_column`; its neighbours land. What no check
+explains (a constraint added by hand) is found entry by entry, with Postgres's own message.
 
 Upserts into a table with delete_types take a transaction-level advisory lock on the table
 before they move the batch: a delete and an older update of the same key in two concurrent
@@ -70,6 +71,9 @@ class TypedSink:
         self._upsert = spec.mode == "upsert"
         self._deletes = list(spec.delete_types)
         self._move_sql = typed_sql.upsert_sql(spec) if self._upsert else typed_sql.append_sql(spec)
+        self._fast_sql = (
+            self._move_sql if self._upsert else typed_sql.append_sql(spec, replay_safe=False)
+        )
         self._check_create, self._check_sql = typed_sql.check_function(spec)
         self._lock_key = f"streamd.upsert.{spec.name}" if self._upsert and spec.delete_types else ""
         encoded = stream.encode()
@@ -112,7 +116,7 @@ class TypedSink:
             async with transaction(conn):
                 await conn.execute(typed_sql.STAGE_CREATE)
                 await self._copy(conn, rows)
-                changed = await self._move(conn, None)
+                changed = await self._move(conn, None, self._fast_sql)
                 if rejects:
                     await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
         except ROW_ERRORS as exc:
@@ -127,14 +131,14 @@ class TypedSink:
             format="binary",
         )
 
-    async def _move(self, conn: asyncpg.Connection, only: str | None) -> int:
+    async def _move(self, conn: asyncpg.Connection, only: str | None, sql: str = "") -> int:
         """Move the stage (or one entry of it) into the table; how many entries changed it."""
         if self._lock_key:
             await conn.execute(_LOCK, self._lock_key)
         if not self._upsert:
-            status = await conn.execute(self._move_sql, only)
+            status = await conn.execute(sql or self._move_sql, only)
             return int(status.rsplit(" ", 1)[-1])
-        counts = await conn.fetchrow(self._move_sql, self._deletes, only)
+        counts = await conn.fetchrow(sql or self._move_sql, self._deletes, only)
         return int(counts["upserted"]) + int(counts["deleted"])
 
     async def _stage_isolating(
