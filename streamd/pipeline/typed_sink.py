@@ -8,9 +8,10 @@ append hits the (stream, entry_id) key, an upsert compares stream positions.
 The common case is one try: stage, move, commit (an append with a plain INSERT). When Postgres
 refuses a row (or an append meets a row already there: a replay), the transaction is rolled back
 and the batch goes the careful way, with savepoints (an append now with ON CONFLICT DO NOTHING):
-a payload Postgres cannot parse is split off by its COPY line (as in sink.py); a value a column
-cannot take is found by a check function (typed_sql.check_function) that names the column, and
-the entry becomes a dead letter with reason `invalid_column`; its neighbours land. What no check
+text that is not UTF-8 is split off by its COPY line (as in sink.py); a payload that is not JSON
+or a value a column cannot take is found by a check function (typed_sql.check_function) that
+names the column, and the entry becomes a dead letter (`invalid_json`; `invalid_column`, naming
+the column); its neighbours land. What no check
 explains (a constraint added by hand) is found entry by entry, with Postgres's own message.
 
 Upserts into a table with delete_types take a transaction-level advisory lock on the table
@@ -38,12 +39,36 @@ from streamd.pipeline.sink import (
     PostgresSink,
     Sink,
     WriteResult,
-    encode_copy,
     failing_row,
     refusal,
 )
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"
+_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+_NULL = b"\xff\xff\xff\xff"
+_pack_i = struct.Struct(">i").pack
+_pack_ts = struct.Struct(">iq").pack
+_pack_json = struct.Struct(">iB").pack
+
+
+def encode_stage(row_start: bytes, rows: list[Row]) -> memoryview:
+    """The binary COPY stream of rows for the stage: (stream, entry_id, event_type, data,
+    produced_at, meta), data as text (parsed once, by the statement that moves the stage)."""
+    parts = [_HEADER]
+    extend = parts.extend
+    types: dict[bytes, bytes] = {}
+    for entry_id, event_type, payload, produced_us, meta, _fields in rows:
+        type_field = types.get(event_type)
+        if type_field is None:
+            type_field = types[event_type] = _pack_i(len(event_type)) + event_type
+        extend((row_start, _pack_i(len(entry_id)), entry_id, type_field, _pack_i(len(payload))))
+        extend((payload, _pack_ts(8, produced_us)))
+        if meta is None:
+            parts.append(_NULL)
+        else:
+            extend((_pack_json(len(meta) + 1, 1), meta))
+    parts.append(b"\xff\xff")
+    return memoryview(b"".join(parts))
 
 
 class _RowRefused(Exception):
@@ -126,7 +151,7 @@ class TypedSink:
     async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> None:
         await conn.copy_to_table(
             typed_sql.STAGE,
-            source=encode_copy(self._row_start, rows),
+            source=encode_stage(self._row_start, rows),
             columns=typed_sql.STAGE_COLUMNS,
             format="binary",
         )
@@ -187,32 +212,35 @@ class TypedSink:
                 await conn.execute(
                     f"DELETE FROM {typed_sql.STAGE} WHERE entry_id = ANY($1::text[])", list(bad)
                 )
-                for entry_id, problem in bad.items():
+                for entry_id, (reason, problem) in bad.items():
                     row = by_id.pop(entry_id)
-                    result.refused.append(
-                        Rejection(row[ENTRY_ID], row[FIELDS], "invalid_column", problem)
-                    )
+                    result.refused.append(Rejection(row[ENTRY_ID], row[FIELDS], reason, problem))
                 continue
             result.inserted += changed
             result.duplicates += len(by_id) - changed
             return
         await self._move_one_by_one(conn, by_id, result)
 
-    async def _bad_values(self, conn: asyncpg.Connection) -> dict[str, str]:
-        """entry ID -> "column amount (numeric): <Postgres's message>" for each staged entry
-        with a value its column cannot take (or an upsert key that is missing)."""
+    async def _bad_values(self, conn: asyncpg.Connection) -> dict[str, tuple[str, str]]:
+        """entry ID -> (reason, error) for each staged entry the table cannot take: a value its
+        column refuses ("column amount (numeric, from $.amount): <Postgres's message>"), an
+        upsert key that is missing (both `invalid_column`), or a payload that is not JSON."""
         await conn.execute(self._check_create)
         found = await conn.fetch(self._check_sql, self._deletes)
         types = {c.name: c for c in self.spec.columns}
-        out: dict[str, str] = {}
+        out: dict[str, tuple[str, str]] = {}
         for record in found:
-            pairs: list[Any] = record["bad"]
+            triples: list[Any] = record["bad"]
+            if triples[0] == "":  # the payload itself, as sink.py would name it
+                reason = "too_deeply_nested" if triples[1] == "54001" else "invalid_json"
+                out[record["entry_id"]] = (reason, f"Postgres refused the row: data: {triples[2]}")
+                continue
             problems = []
-            for name, message in zip(pairs[::2], pairs[1::2], strict=True):
+            for name, message in zip(triples[::3], triples[2::3], strict=True):
                 column = types[name]
                 source = "$." + ".".join(column.path)
                 problems.append(f"column {name} ({column.pg_type}, from {source}): {message}")
-            out[record["entry_id"]] = "; ".join(problems)
+            out[record["entry_id"]] = ("invalid_column", "; ".join(problems))
         return out
 
     async def _move_one_by_one(

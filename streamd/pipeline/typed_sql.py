@@ -1,9 +1,10 @@
 """The SQL of a typed table's batch, built once per table from its [tables.<name>] section.
 
-A batch is first COPYed (binary, the envelope and the JSON payload as they are) into STAGE, a
-temporary table of the transaction; then one statement moves it into the table. Postgres itself
-takes each declared column out of the payload (`payload #>> '{totals,amount}'`) and casts it, so
-numbers keep every digit they were sent with, and JSON means what `->>` means.
+A batch is first COPYed (binary, the envelope with the JSON payload as text, unparsed) into
+STAGE, a temporary table of the transaction; then one statement moves it into the table, parsing
+each payload once into jsonb. Postgres itself takes each declared column out of the payload
+(`payload #>> '{totals,amount}'`) and casts it, so numbers keep every digit they were sent with,
+and JSON means what `->>` means.
 
 Upsert position: an entry's place is (entry_ms, entry_seq, stream), its entry ID's two numbers
 and then its stream's name. Within one stream that is the stream's order; across several streams
@@ -23,14 +24,14 @@ from streamd.backends.typed_schema import tombstone_table
 from streamd.config.tables import ColumnSpec, TableSpec
 
 STAGE = "streamd_typed_stage"
-STAGE_COLUMNS = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
+STAGE_COLUMNS = ["stream", "entry_id", "event_type", "data", "produced_at", "meta"]
 # Temporary, emptied at COMMIT, and created (if this session lacks it) by every transaction that
 # uses it: behind a pooler in transaction mode, the next transaction may run on another server
 # session, so none may count on a table an earlier one made. Not dropped at COMMIT: creating a
 # table per batch writes the catalogs every time (and bloats them).
 STAGE_CREATE = (
     f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (stream text, entry_id text, event_type text,"
-    " payload jsonb, produced_at timestamptz, meta jsonb) ON COMMIT DELETE ROWS"
+    " data text, produced_at timestamptz, meta jsonb) ON COMMIT DELETE ROWS"
 )
 POSITION = ("entry_ms", "entry_seq", "stream")
 # The (…) of varchar(20) or numeric(12,2): a value is cast to the type without it, and the
@@ -82,8 +83,13 @@ def _position(alias: str) -> str:
 
 # Both statements take, last, the entry ID to move alone (NULL: the whole stage), for the rare
 # batch whose refusal no column check explains; an upsert's $1 is the event types that delete.
-def _only(n: int) -> str:
-    return f"(${n}::text IS NULL OR s.entry_id = ${n})"
+def _staged(n: int, extra: str = "") -> str:
+    """The stage as rows with their payload parsed, once (OFFSET 0 keeps the subquery from
+    being pulled up, which would parse it again for every column that reads it)."""
+    return (
+        "(SELECT stream, entry_id, event_type, data::jsonb AS payload, produced_at, meta"
+        f"{extra} FROM {STAGE} WHERE (${n}::text IS NULL OR entry_id = ${n}) OFFSET 0) s"
+    )
 
 
 def append_sql(spec: TableSpec, *, replay_safe: bool = True) -> str:
@@ -95,7 +101,7 @@ def append_sql(spec: TableSpec, *, replay_safe: bool = True) -> str:
     values = ", ".join([*(value_expr(c) for c in spec.columns), *(f"s.{e}" for e in envelope)])
     return (
         f"INSERT INTO {quote_ident(spec.name)} ({_names(declared + envelope)})"
-        f" SELECT {values} FROM {STAGE} s WHERE {_only(1)}"
+        f" SELECT {values} FROM {_staged(1)}"
     ) + (" ON CONFLICT (stream, entry_id) DO NOTHING" if replay_safe else "")
 
 
@@ -121,8 +127,8 @@ def upsert_sql(spec: TableSpec) -> str:
         f"SELECT DISTINCT ON ({_names(key)}) * FROM (SELECT {casts}, s.*,"
         " split_part(s.entry_id, '-', 1)::bigint AS entry_ms,"
         " split_part(s.entry_id, '-', 2)::numeric AS entry_seq"
-        f" FROM (SELECT *, event_type = ANY($1::text[]) AS streamd_delete FROM {STAGE}) s"
-        f" WHERE {_only(2)}) x ORDER BY {_names(key)}, entry_ms DESC, entry_seq DESC, stream DESC"
+        f" FROM {_staged(2, ', event_type = ANY($1::text[]) AS streamd_delete')}"
+        f") x ORDER BY {_names(key)}, entry_ms DESC, entry_seq DESC, stream DESC"
     )
     row_columns = [*declared, *envelope, "entry_ms", "entry_seq"]
     updates = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in row_columns)
@@ -162,35 +168,37 @@ def upsert_sql(spec: TableSpec) -> str:
 
 
 def check_function(spec: TableSpec) -> tuple[str, str]:
-    """(CREATE statement, call) of a function that names each column of a payload that the
-    table cannot take, with Postgres's own message: (payload, is_delete) -> text[] as
-    [column, message, column, message, ...]. Each value is assigned to a variable of the
-    column's exact type, which refuses what the INSERT would refuse. Only run after a batch
-    was refused; made in pg_temp (this session's, dropped with it), within the transaction."""
+    """(CREATE statement, call) of a function that says what in a staged entry the table cannot
+    take, with Postgres's own message: (data, is_delete) -> text[] as [column, SQLSTATE,
+    message, ...], the column '' for a payload that is not JSON. Each value is assigned to a
+    variable of the column's exact type, which refuses what the INSERT would refuse. Only run
+    after a batch was refused; made in pg_temp (this session's), within the transaction."""
     name = f"pg_temp.{quote_ident('streamd_check_' + spec.name)}"
     declare = "".join(f"v{i} {c.pg_type}; " for i, c in enumerate(spec.columns))
     body = []
     for i, c in enumerate(spec.columns):
         label = c.name  # [a-z_][a-z0-9_]*: safe in a literal
         step = (
-            f"BEGIN v{i} := {value_expr(c, 'p')}; EXCEPTION WHEN data_exception"
-            f" OR integrity_constraint_violation THEN bad := bad || ARRAY['{label}', SQLERRM]; END;"
+            f"BEGIN v{i} := {value_expr(c, 'j')}; EXCEPTION WHEN data_exception"
+            " OR integrity_constraint_violation THEN"
+            f" bad := bad || ARRAY['{label}', SQLSTATE, SQLERRM]; END;"
         )
         if c.name in spec.key:
             step += (
                 f" IF v{i} IS NULL AND NOT '{label}' = ANY(bad) THEN bad := bad ||"
-                f" ARRAY['{label}', 'missing: a key column needs a value']; END IF;"
+                f" ARRAY['{label}', '23502', 'missing: a key column needs a value']; END IF;"
             )
         else:
             step = f"IF NOT d THEN {step} END IF;"
         body.append(step)
     create = (
-        f"CREATE OR REPLACE FUNCTION {name}(p jsonb, d boolean) RETURNS text[]"
-        f" LANGUAGE plpgsql AS $f$ DECLARE {declare}bad text[] := '{{}}'; BEGIN"
-        f" {' '.join(body)} RETURN bad; END $f$"
+        f"CREATE OR REPLACE FUNCTION {name}(p text, d boolean) RETURNS text[]"
+        f" LANGUAGE plpgsql AS $f$ DECLARE j jsonb; {declare}bad text[] := '{{}}'; BEGIN"
+        " BEGIN j := p::jsonb; EXCEPTION WHEN data_exception OR program_limit_exceeded THEN"
+        f" RETURN ARRAY['', SQLSTATE, SQLERRM]; END; {' '.join(body)} RETURN bad; END $f$"
     )
     call = (
-        f"SELECT entry_id, bad FROM (SELECT entry_id, {name}(payload, event_type = ANY($1::text[]))"
+        f"SELECT entry_id, bad FROM (SELECT entry_id, {name}(data, event_type = ANY($1::text[]))"
         f" AS bad FROM {STAGE}) c WHERE cardinality(bad) > 0"
     )
     return create, call
