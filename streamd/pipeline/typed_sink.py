@@ -137,15 +137,28 @@ class TypedSink:
     async def _write_fast(
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
+        """One try in as few round trips as it takes: BEGIN with the stage's CREATE (and the
+        SET LOCALs a pooler needs, as transaction() sends them), the COPY, and an append's
+        INSERT with COMMIT (a plain INSERT takes every row or none: no count to read)."""
+        setup = getattr(conn, "transaction_setup", "")
+        await conn.execute(f"BEGIN; {setup + '; ' if setup else ''}{typed_sql.STAGE_CREATE}")
         try:
-            async with transaction(conn):
-                await conn.execute(typed_sql.STAGE_CREATE)
-                await self._copy(conn, rows)
-                changed = await self._move(conn, None, self._fast_sql)
-                if rejects:
-                    await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
-        except ROW_ERRORS as exc:
-            raise _RowRefused from exc
+            await self._copy(conn, rows)
+            if not self._upsert and not rejects:
+                await conn.execute(f"{self._fast_sql}; COMMIT")
+                return WriteResult(inserted=len(rows))
+            changed = await self._move(conn, None, self._fast_sql)
+            if rejects:
+                await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
+            await conn.execute("COMMIT")
+        except asyncpg.PostgresError as exc:
+            # Refused by the server, the session still in step: end the transaction. (Cut off
+            # instead, by a cancellation or a lost connection, the transaction dies with the
+            # session, which BatchWriter drops.)
+            await conn.execute("ROLLBACK")
+            if isinstance(exc, ROW_ERRORS):
+                raise _RowRefused from exc
+            raise
         return WriteResult(inserted=changed, duplicates=len(rows) - changed)
 
     async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> None:

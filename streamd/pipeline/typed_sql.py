@@ -85,23 +85,27 @@ def _position(alias: str) -> str:
 # batch whose refusal no column check explains; an upsert's $1 is the event types that delete.
 def _staged(n: int, extra: str = "") -> str:
     """The stage as rows with their payload parsed, once (OFFSET 0 keeps the subquery from
-    being pulled up, which would parse it again for every column that reads it)."""
+    being pulled up, which would parse it again for every column that reads it). n: the
+    parameter of the one entry to take (n = 0: all of them, no parameter)."""
+    only = f" WHERE (${n}::text IS NULL OR entry_id = ${n})" if n else ""
     return (
         "(SELECT stream, entry_id, event_type, data::jsonb AS payload, produced_at, meta"
-        f"{extra} FROM {STAGE} WHERE (${n}::text IS NULL OR entry_id = ${n}) OFFSET 0) s"
+        f"{extra} FROM {STAGE}{only} OFFSET 0) s"
     )
 
 
 def append_sql(spec: TableSpec, *, replay_safe: bool = True) -> str:
     """Append: every staged entry becomes a row; a replayed one hits (stream, entry_id), and is
-    skipped (replay_safe) or refuses the batch: a plain INSERT, the fast path's, costs about half
-    of one with ON CONFLICT (no speculative insertion per row)."""
+    skipped (replay_safe, with $1: the one entry to take, or NULL) or refuses the batch: a plain
+    INSERT of the whole stage, with no parameter, is the fast path's (it costs about half of one
+    with ON CONFLICT: no speculative insertion per row; and it can share a round trip with
+    COMMIT)."""
     declared = [c.name for c in spec.columns]
     envelope = envelope_columns(spec)
     values = ", ".join([*(value_expr(c) for c in spec.columns), *(f"s.{e}" for e in envelope)])
     return (
         f"INSERT INTO {quote_ident(spec.name)} ({_names(declared + envelope)})"
-        f" SELECT {values} FROM {_staged(1)}"
+        f" SELECT {values} FROM {_staged(1 if replay_safe else 0)}"
     ) + (" ON CONFLICT (stream, entry_id) DO NOTHING" if replay_safe else "")
 
 
