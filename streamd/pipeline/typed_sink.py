@@ -96,9 +96,7 @@ class TypedSink:
         self._upsert = spec.mode == "upsert"
         self._deletes = list(spec.delete_types)
         self._move_sql = typed_sql.upsert_sql(spec) if self._upsert else typed_sql.append_sql(spec)
-        self._fast_sql = (
-            self._move_sql if self._upsert else typed_sql.append_sql(spec, replay_safe=False)
-        )
+        self._fast_sql = typed_sql.append_sql(spec, replay_safe=False)  # an append's first try
         self._check_create, self._check_sql = typed_sql.check_function(spec)
         self._lock_key = f"streamd.upsert.{spec.name}" if self._upsert and spec.delete_types else ""
         encoded = stream.encode()
@@ -144,12 +142,12 @@ class TypedSink:
         await conn.execute(f"BEGIN; {setup + '; ' if setup else ''}{typed_sql.STAGE_CREATE}")
         try:
             await self._copy(conn, rows)
-            if not self._upsert and not rejects:
-                await conn.execute(f"{self._fast_sql}; COMMIT")
-                return WriteResult(inserted=len(rows))
-            changed = await self._move(conn, None, self._fast_sql)
             if rejects:
                 await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
+            if not self._upsert:
+                await conn.execute(f"{self._fast_sql}; COMMIT")
+                return WriteResult(inserted=len(rows))
+            changed = await self._move(conn, None)
             await conn.execute("COMMIT")
         except asyncpg.PostgresError as exc:
             # Refused by the server, the session still in step: end the transaction. (Cut off
@@ -169,14 +167,14 @@ class TypedSink:
             format="binary",
         )
 
-    async def _move(self, conn: asyncpg.Connection, only: str | None, sql: str = "") -> int:
+    async def _move(self, conn: asyncpg.Connection, only: str | None) -> int:
         """Move the stage (or one entry of it) into the table; how many entries changed it."""
         if self._lock_key:
             await conn.execute(_LOCK, self._lock_key)
         if not self._upsert:
-            status = await conn.execute(sql or self._move_sql, only)
+            status = await conn.execute(self._move_sql, only)
             return int(status.rsplit(" ", 1)[-1])
-        counts = await conn.fetchrow(sql or self._move_sql, self._deletes, only)
+        counts = await conn.fetchrow(self._move_sql, self._deletes, only)
         return int(counts["upserted"]) + int(counts["deleted"])
 
     async def _stage_isolating(

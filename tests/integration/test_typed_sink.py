@@ -16,7 +16,7 @@ from streamd.backends.connections import postgres_connect
 from streamd.backends.schema import apply_schema
 from streamd.config.settings import Settings
 from streamd.config.tables import parse_tables
-from streamd.pipeline.envelope import Row, split_entries
+from streamd.pipeline.envelope import Rejection, Row, split_entries
 from streamd.pipeline.typed_sink import TypedSink, sink_for
 
 ORDERS = {
@@ -121,6 +121,20 @@ async def test_append_bad_values_become_dead_letters_naming_the_column(
     assert (again.inserted, again.duplicates) == (0, 3)
     assert await conn.fetchval("SELECT count(*) FROM t") == 3
     assert await conn.fetchval(f"SELECT count(*) FROM {s.dlq_table}") == 3
+
+
+@pytest.mark.parametrize("section", [LOG, ORDERS], ids=["append", "upsert"])
+async def test_envelope_rejections_commit_with_the_batch_once(
+    make_sink: Callable[..., Any], section: dict[str, Any]
+) -> None:
+    sink, conn, s = await make_sink(**section)
+    rejection = Rejection(b"1-1", [b"data", b"{}"], "missing_type", "no type")
+    rows = rows_of(order(2, "o1", "new"))
+    for _ in range(2):  # the second time, a replay: the row and the dead letter stay one each
+        await sink.write(conn, rows, [rejection])
+    assert await conn.fetchval("SELECT count(*) FROM t") == 1
+    letters = await conn.fetch(f"SELECT entry_id, reason FROM {s.dlq_table}")
+    assert [tuple(r) for r in letters] == [("1-1", "missing_type")]
 
 
 async def test_append_invalid_json_is_isolated_too(make_sink: Callable[..., Any]) -> None:
