@@ -124,7 +124,7 @@ def db() -> None:
 @db.command("init")
 @click.pass_context
 def db_init(ctx: click.Context) -> None:
-    """Create or upgrade the events and dead-letter tables (idempotent).
+    """Create or upgrade the events and dead-letter tables, and typed tables (idempotent).
 
     Examples:
 
@@ -137,7 +137,9 @@ def db_init(ctx: click.Context) -> None:
     def body() -> None:
         settings = configured(ctx)
         asyncio.run(check_postgres(settings))
-        click.echo(f"schema ready: tables {settings.events_table}, {settings.dlq_table}")
+        typed = [t.name for t in settings.tables if t.typed]
+        names = ", ".join([settings.events_table, settings.dlq_table, *typed])
+        click.echo(f"schema ready: tables {names}")
 
     run(body)
 

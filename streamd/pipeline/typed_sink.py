@@ -217,41 +217,46 @@ class TypedSink:
                 if checked:
                     break  # refused for a reason the column check does not see
                 checked = True
-                bad = await self._bad_values(conn)
+                bad = await self._bad_values(conn, by_id)
                 if not bad:
                     break
+                ids = [r.entry_id.decode() for r in bad]
                 await conn.execute(
-                    f"DELETE FROM {typed_sql.STAGE} WHERE entry_id = ANY($1::text[])", list(bad)
+                    f"DELETE FROM {typed_sql.STAGE} WHERE entry_id = ANY($1::text[])", ids
                 )
-                for entry_id, (reason, problem) in bad.items():
-                    row = by_id.pop(entry_id)
-                    result.refused.append(Rejection(row[ENTRY_ID], row[FIELDS], reason, problem))
+                for entry_id in ids:
+                    del by_id[entry_id]
+                result.refused += bad
                 continue
             result.inserted += changed
             result.duplicates += len(by_id) - changed
             return
         await self._move_one_by_one(conn, by_id, result)
 
-    async def _bad_values(self, conn: asyncpg.Connection) -> dict[str, tuple[str, str]]:
-        """entry ID -> (reason, error) for each staged entry the table cannot take: a value its
-        column refuses ("column amount (numeric, from $.amount): <Postgres's message>"), an
-        upsert key that is missing (both `invalid_column`), or a payload that is not JSON."""
+    async def _bad_values(self, conn: asyncpg.Connection, by_id: dict[str, Row]) -> list[Rejection]:
+        """The staged entries the table cannot take, as dead letters: a value its column
+        refuses ("column amount (numeric, from $.amount): <Postgres's message>") or an upsert
+        key that is missing, `invalid_column`; a payload that is not JSON, as sink.py says it."""
         await conn.execute(self._check_create)
         found = await conn.fetch(self._check_sql, self._deletes)
         types = {c.name: c for c in self.spec.columns}
-        out: dict[str, tuple[str, str]] = {}
+        out = []
         for record in found:
             triples: list[Any] = record["bad"]
-            if triples[0] == "":  # the payload itself, as sink.py would name it
-                reason = "too_deeply_nested" if triples[1] == "54001" else "invalid_json"
-                out[record["entry_id"]] = (reason, f"Postgres refused the row: data: {triples[2]}")
+            row = by_id[record["entry_id"]]
+            if triples[0] == "":  # the payload itself
+                error = f"Postgres refused the row: data: {triples[2]}"
+                if triples[1] == "54001":
+                    out.append(Rejection(row[ENTRY_ID], row[FIELDS], "too_deeply_nested", error))
+                else:
+                    out.append(Rejection(row[ENTRY_ID], row[FIELDS], "invalid_json", error))
                 continue
             problems = []
             for name, message in zip(triples[::3], triples[2::3], strict=True):
                 column = types[name]
                 source = "$." + ".".join(column.path)
                 problems.append(f"column {name} ({column.pg_type}, from {source}): {message}")
-            out[record["entry_id"]] = ("invalid_column", "; ".join(problems))
+            out.append(Rejection(row[ENTRY_ID], row[FIELDS], "invalid_column", "; ".join(problems)))
         return out
 
     async def _move_one_by_one(

@@ -23,7 +23,8 @@ from streamd.backends.sql import quote_ident
 from streamd.backends.typed_schema import tombstone_table
 from streamd.config.tables import ColumnSpec, TableSpec
 
-STAGE = "streamd_typed_stage"
+# Versioned: a session (kept by a pooler across an upgrade) may hold an older layout.
+STAGE = "streamd_typed_stage_v1"
 STAGE_COLUMNS = ["stream", "entry_id", "event_type", "data", "produced_at", "meta"]
 # Temporary, emptied at COMMIT, and created (if this session lacks it) by every transaction that
 # uses it: behind a pooler in transaction mode, the next transaction may run on another server

@@ -137,14 +137,22 @@ async def test_envelope_rejections_commit_with_the_batch_once(
     assert [tuple(r) for r in letters] == [("1-1", "missing_type")]
 
 
-async def test_append_invalid_json_is_isolated_too(make_sink: Callable[..., Any]) -> None:
+async def test_append_payloads_postgres_refuses_are_isolated_too(
+    make_sink: Callable[..., Any],
+) -> None:
     sink, conn, _ = await make_sink(**LOG)
-    rows = rows_of((1, "e", {"order_id": "a"}), (2, "e", {"order_id": "b"}))
-    entry_id, event_type, _payload, produced, meta, fields = rows[1]
-    rows[1] = (entry_id, event_type, b"{nope", produced, meta, fields)
+    rows = rows_of(*((i, "e", {"order_id": str(i)}) for i in range(1, 5)))
+    for index, payload in ((1, b"{nope"), (2, b"[" * 20000 + b"]" * 20000), (3, b"\xff")):
+        entry_id, event_type, _payload, produced, meta, fields = rows[index]
+        rows[index] = (entry_id, event_type, payload, produced, meta, fields)
     result = await sink.write(conn, rows, [])
-    assert [r.reason for r in result.refused] == ["invalid_json"]
-    assert await conn.fetchval("SELECT order_id FROM t") == "a"
+    reasons = {r.entry_id: r.reason for r in result.refused}
+    assert reasons == {
+        b"1700000000000-2": "invalid_json",
+        b"1700000000000-3": "too_deeply_nested",
+        b"1700000000000-4": "invalid_encoding",
+    }
+    assert await conn.fetchval("SELECT array_agg(order_id) FROM t") == ["1"]
 
 
 async def test_upsert_latest_by_position_wins_whatever_the_arrival_order(
