@@ -18,11 +18,13 @@ Runs inside apply_schema's transaction, under its advisory lock.
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 
 from streamd.backends.sql import quote_ident
 from streamd.config.settings import Settings
-from streamd.config.tables import TableSpec
+from streamd.config.tables import ColumnSpec, TableSpec
 from streamd.errors import BootError
 
 POSITION_COLUMNS = (("entry_ms", "bigint"), ("entry_seq", "numeric(20,0)"))
@@ -31,7 +33,8 @@ UPSERT_FILLFACTOR = 70
 _PROBE = "streamd_probe_types"
 
 _COLUMNS = """
-SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type
+SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
+  a.attgenerated <> '' AS generated
 FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
@@ -41,6 +44,66 @@ CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 WHERE i.indrelid = to_regclass($1) AND i.indisprimary
 """
+
+
+# The (…) of varchar(20) or numeric(12,2): a value is cast to the type without it, and the
+# column's own assignment applies it (so an over-long text is refused, as COPY would, rather
+# than cut to length as an explicit cast does).
+_MODIFIER = re.compile(r"\(\d+(, ?\d+)?\)")
+
+
+def base_type(pg_type: str) -> str:
+    return _MODIFIER.sub("", pg_type)
+
+
+def value_expr(column: ColumnSpec, payload: str = "s.payload") -> str:
+    """The SQL expression of a column's value, taken from a jsonb payload."""
+    if len(column.path) == 1:  # -> is a little cheaper than #> (no path array to parse)
+        node, text = f"({payload} -> '{column.path[0]}')", f"({payload} ->> '{column.path[0]}')"
+    else:
+        path = "{" + ",".join(column.path) + "}"
+        node, text = f"({payload} #> '{path}')", f"({payload} #>> '{path}')"
+    base = base_type(column.pg_type)
+    if base == "jsonb":
+        return node
+    if base == "json":
+        return f"{node}::json"
+    if base.endswith("[]"):
+        # A JSON array fills an array column element by element; a string is an array literal.
+        return (
+            f"CASE jsonb_typeof({node}) WHEN 'array' THEN"
+            f" ARRAY(SELECT jsonb_array_elements_text({node}))::{base} ELSE {text}::{base} END"
+        )
+    return f"{text}::{base}"
+
+
+# Types whose input from text is immutable (it depends on no setting such as DateStyle or
+# TimeZone), so Postgres can compute them as generated columns.
+_GENERATABLE = frozenset(
+    {"text", "varchar", "character varying", "char", "character", "bpchar", "uuid", "jsonb"}
+    | {"smallint", "integer", "int", "int2", "int4", "bigint", "int8", "numeric", "decimal"}
+    | {"real", "float4", "float8", "double precision", "boolean", "bool"}
+)
+
+
+def generated(spec: TableSpec, column: ColumnSpec) -> bool:
+    """Whether Postgres computes the column from the payload as it stores the row (GENERATED
+    ALWAYS AS ... STORED): in append tables that keep the payload, for the types above. Then a
+    batch is one COPY of the envelope, as for the events table, with no staging."""
+    return (
+        spec.mode == "append"
+        and spec.keep_payload
+        and base_type(column.pg_type) in _GENERATABLE
+        and not column.pg_type.endswith("[]")
+    )
+
+
+def column_sql(spec: TableSpec, column: ColumnSpec) -> str:
+    """A declared column's definition, for CREATE TABLE and ADD COLUMN."""
+    sql = f"{quote_ident(column.name)} {column.pg_type}"
+    if generated(spec, column):
+        sql += f" GENERATED ALWAYS AS ({value_expr(column, 'payload')}) STORED"
+    return sql + (" NOT NULL" if column.name in spec.key else "")
 
 
 def tombstone_table(spec: TableSpec) -> str:
@@ -72,16 +135,16 @@ async def apply_typed_schema(conn: asyncpg.Connection, settings: Settings) -> No
 async def ensure_typed_table(conn: asyncpg.Connection, spec: TableSpec) -> None:
     declared = await _declared_types(conn, spec)
     table = quote_ident(spec.name)
-    existing = {r["name"]: r["type"] for r in await conn.fetch(_COLUMNS, table)}
+    found = await conn.fetch(_COLUMNS, table)
+    existing = {r["name"]: r["type"] for r in found}
     if not existing:
         await conn.execute(_create_sql(spec))
     else:
         missing = _missing_columns(spec, declared, existing)
+        _check_generated(spec, {r["name"] for r in found if r["generated"]})
         await check_primary_key(conn, spec)
-        for name, pg_type in missing:
-            await conn.execute(
-                f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote_ident(name)} {pg_type}"
-            )
+        for name, definition in missing:
+            await _add_column(conn, spec, name, definition)
     if spec.delete_types:
         await _ensure_tombstones(conn, spec, declared)
 
@@ -101,11 +164,7 @@ async def _declared_types(conn: asyncpg.Connection, spec: TableSpec) -> dict[str
 
 
 def _create_sql(spec: TableSpec) -> str:
-    key = set(spec.key)
-    lines = [
-        f"{quote_ident(c.name)} {c.pg_type}{' NOT NULL' if c.name in key else ''}"
-        for c in spec.columns
-    ]
+    lines = [column_sql(spec, c) for c in spec.columns]
     for name, pg_type in envelope_layout(spec):
         nullable = name == "meta"
         default = " DEFAULT now()" if name == "ingested_at" else ""
@@ -145,9 +204,37 @@ def _missing_columns(
                 "the section; streamd never changes a column's type: change it yourself "
                 "(ALTER TABLE ... ALTER COLUMN ... TYPE) or declare it as it is"
             )
-    return [(c.name, c.pg_type) for c in spec.columns if c.name not in existing] + (
-        [("payload", "jsonb")] if spec.keep_payload and "payload" not in existing else []
+    return [(c.name, column_sql(spec, c)) for c in spec.columns if c.name not in existing] + (
+        [("payload", "payload jsonb")] if spec.keep_payload and "payload" not in existing else []
     )
+
+
+def _check_generated(spec: TableSpec, in_table: set[str]) -> None:
+    """Columns Postgres computes must be the ones this section's rule says (generated())."""
+    for column in spec.columns:
+        if column.name in in_table and not generated(spec, column):
+            what = "computed from the payload (GENERATED)"
+            raise BootError(
+                f"table {spec.name} ([tables.{spec.name}]): column {column.name} is {what} in "
+                "the table, which this section's mode and keep_payload do not allow: write "
+                "to a new table, or change this one yourself (ALTER COLUMN ... DROP EXPRESSION)"
+            )
+
+
+async def _add_column(conn: asyncpg.Connection, spec: TableSpec, name: str, sql: str) -> None:
+    """ADD COLUMN; a generated one is computed for every row already there, which fails if an
+    old payload holds a value the column cannot take."""
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                f"ALTER TABLE {quote_ident(spec.name)} ADD COLUMN IF NOT EXISTS {sql}"
+            )
+    except asyncpg.DataError as exc:
+        raise BootError(
+            f"table {spec.name} ([tables.{spec.name}]): cannot add column {name}: a row already "
+            f"in the table has a value it cannot take ({str(exc).splitlines()[0]}); fix or "
+            "delete that row, or declare the column with a type that takes it"
+        ) from None
 
 
 async def check_primary_key(conn: asyncpg.Connection, spec: TableSpec) -> None:

@@ -27,8 +27,9 @@ from typing import Any
 
 import asyncpg
 
-from streamd.backends.connections import transaction
+from streamd.backends.connections import statement_scope, transaction
 from streamd.backends.sql import quote_ident
+from streamd.backends.typed_schema import generated
 from streamd.config.settings import Settings
 from streamd.config.tables import TableSpec, route
 from streamd.pipeline import dead_letters as dlq
@@ -39,11 +40,13 @@ from streamd.pipeline.sink import (
     PostgresSink,
     Sink,
     WriteResult,
+    encode_copy,
     failing_row,
     refusal,
 )
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"
+_ENVELOPE_COPY = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _NULL = b"\xff\xff\xff\xff"
 _pack_i = struct.Struct(">i").pack
@@ -97,6 +100,9 @@ class TypedSink:
         self._deletes = list(spec.delete_types)
         self._move_sql = typed_sql.upsert_sql(spec) if self._upsert else typed_sql.append_sql(spec)
         self._fast_sql = typed_sql.append_sql(spec, replay_safe=False)  # an append's first try
+        # Every column computed by Postgres (typed_schema.generated): an append is then one
+        # COPY of the envelope straight into the table, as the events table's.
+        self._direct = not self._upsert and all(generated(spec, c) for c in spec.columns)
         self._check_create, self._check_sql = typed_sql.check_function(spec)
         self._lock_key = f"streamd.upsert.{spec.name}" if self._upsert and spec.delete_types else ""
         encoded = stream.encode()
@@ -116,6 +122,8 @@ class TypedSink:
             rows = [r for r in rows if r[EVENT_TYPE] in self._wanted]
         if rows:
             try:
+                if self._direct:
+                    return await self._write_direct(conn, rows, rejects)
                 return await self._write_fast(conn, rows, rejects)
             except _RowRefused:
                 pass
@@ -131,6 +139,29 @@ class TypedSink:
             if dead:
                 await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, dead))
         return result
+
+    async def _write_direct(
+        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult:
+        """One binary COPY into the table (in autocommit when there is nothing else to write);
+        a refusal of any row (a value, a replay) and the careful way takes over."""
+        source = encode_copy(self._row_start, rows)  # jsonb payload, same columns
+        try:
+            if rejects:
+                async with transaction(conn):
+                    await self._copy_into_table(conn, source)
+                    await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
+            else:
+                async with statement_scope(conn):
+                    await self._copy_into_table(conn, source)
+        except ROW_ERRORS as exc:
+            raise _RowRefused from exc
+        return WriteResult(inserted=len(rows))
+
+    async def _copy_into_table(self, conn: asyncpg.Connection, source: memoryview) -> None:
+        await conn.copy_to_table(
+            self.spec.name, source=source, columns=_ENVELOPE_COPY, format="binary"
+        )
 
     async def _write_fast(
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]

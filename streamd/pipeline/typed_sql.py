@@ -17,11 +17,9 @@ match config.tables.PG_TYPE) and is quoted as an identifier; event types travel 
 
 from __future__ import annotations
 
-import re
-
 from streamd.backends.sql import quote_ident
-from streamd.backends.typed_schema import tombstone_table
-from streamd.config.tables import ColumnSpec, TableSpec
+from streamd.backends.typed_schema import generated, tombstone_table, value_expr
+from streamd.config.tables import TableSpec
 
 # Versioned: a session (kept by a pooler across an upgrade) may hold an older layout.
 STAGE = "streamd_typed_stage_v1"
@@ -35,35 +33,6 @@ STAGE_CREATE = (
     " data text, produced_at timestamptz, meta jsonb) ON COMMIT DELETE ROWS"
 )
 POSITION = ("entry_ms", "entry_seq", "stream")
-# The (…) of varchar(20) or numeric(12,2): a value is cast to the type without it, and the
-# column's own assignment applies it (so an over-long text is refused, as COPY would, rather
-# than cut to length as an explicit cast does).
-_MODIFIER = re.compile(r"\(\d+(, ?\d+)?\)")
-
-
-def base_type(pg_type: str) -> str:
-    return _MODIFIER.sub("", pg_type)
-
-
-def value_expr(column: ColumnSpec, payload: str = "s.payload") -> str:
-    """The SQL expression of a column's value, taken from a jsonb payload."""
-    if len(column.path) == 1:  # -> is a little cheaper than #> (no path array to parse)
-        node, text = f"({payload} -> '{column.path[0]}')", f"({payload} ->> '{column.path[0]}')"
-    else:
-        path = "{" + ",".join(column.path) + "}"
-        node, text = f"({payload} #> '{path}')", f"({payload} #>> '{path}')"
-    base = base_type(column.pg_type)
-    if base == "jsonb":
-        return node
-    if base == "json":
-        return f"{node}::json"
-    if base.endswith("[]"):
-        # A JSON array fills an array column element by element; a string is an array literal.
-        return (
-            f"CASE jsonb_typeof({node}) WHEN 'array' THEN"
-            f" ARRAY(SELECT jsonb_array_elements_text({node}))::{base} ELSE {text}::{base} END"
-        )
-    return f"{text}::{base}"
 
 
 def envelope_columns(spec: TableSpec) -> list[str]:
@@ -101,11 +70,11 @@ def append_sql(spec: TableSpec, *, replay_safe: bool = True) -> str:
     INSERT of the whole stage, with no parameter, is the fast path's (it costs about half of one
     with ON CONFLICT: no speculative insertion per row; and it can share a round trip with
     COMMIT)."""
-    declared = [c.name for c in spec.columns]
+    plain = [c for c in spec.columns if not generated(spec, c)]  # Postgres computes the rest
     envelope = envelope_columns(spec)
-    values = ", ".join([*(value_expr(c) for c in spec.columns), *(f"s.{e}" for e in envelope)])
+    values = ", ".join([*(value_expr(c) for c in plain), *(f"s.{e}" for e in envelope)])
     return (
-        f"INSERT INTO {quote_ident(spec.name)} ({_names(declared + envelope)})"
+        f"INSERT INTO {quote_ident(spec.name)} ({_names([c.name for c in plain] + envelope)})"
         f" SELECT {values} FROM {_staged(1 if replay_safe else 0)}"
     ) + (" ON CONFLICT (stream, entry_id) DO NOTHING" if replay_safe else "")
 

@@ -123,6 +123,35 @@ async def test_append_bad_values_become_dead_letters_naming_the_column(
     assert await conn.fetchval(f"SELECT count(*) FROM {s.dlq_table}") == 3
 
 
+async def test_append_of_generatable_types_is_one_copy_with_generated_columns(
+    make_sink: Callable[..., Any],
+) -> None:
+    columns = {"order_id": "text", "qty": "integer", "code": "varchar(3)"}
+    sink, conn, s = await make_sink(streams=["orders"], columns=columns)
+    generated = await conn.fetchval(
+        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
+        " WHERE attrelid = 't'::regclass AND attgenerated <> ''"
+    )
+    assert generated == ["order_id", "qty", "code"]
+    good = {"order_id": "a", "qty": 2, "code": "abc"}
+    rows = rows_of(
+        (1, "e", good), (2, "e", {**good, "qty": "x"}), (3, "e", {**good, "code": "long"})
+    )
+    result = await sink.write(conn, rows, [])
+    assert [(r.entry_id, r.reason) for r in result.refused] == [
+        (b"1700000000000-2", "invalid_column"),
+        (b"1700000000000-3", "invalid_column"),
+    ]
+    assert "column qty (integer, from $.qty)" in result.refused[0].error
+    fast = await sink.write(conn, rows_of((4, "e", good)), [])
+    assert (fast.inserted, fast.duplicates) == (1, 0)
+    replay = await sink.write(conn, rows_of((1, "e", good), (4, "e", good), (5, "e", good)), [])
+    assert (replay.inserted, replay.duplicates) == (1, 2)
+    got = await conn.fetch("SELECT entry_id, order_id, qty, code FROM t ORDER BY entry_id")
+    assert [tuple(r)[1:] for r in got] == [("a", 2, "abc")] * 3
+    assert await conn.fetchval(f"SELECT count(*) FROM {s.dlq_table}") == 2
+
+
 @pytest.mark.parametrize("section", [LOG, ORDERS], ids=["append", "upsert"])
 async def test_envelope_rejections_commit_with_the_batch_once(
     make_sink: Callable[..., Any], section: dict[str, Any]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from streamd.backends.typed_schema import base_type, value_expr
 from streamd.config.tables import ColumnSpec, TableSpec
-from streamd.pipeline.typed_sql import append_sql, base_type, check_function, upsert_sql, value_expr
+from streamd.pipeline.typed_sql import append_sql, check_function, upsert_sql
 
 ORDERS = TableSpec(
     "orders",
