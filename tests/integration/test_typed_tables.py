@@ -133,3 +133,24 @@ def test_db_init_adds_columns_declared_later_and_never_drops_or_retypes(
     code, err = db_init(env, config, later.replace('"numeric"', '"numerc"'))
     assert code == 78 and 'type "numerc" does not exist' in err
     assert db_init(env, config, later)[0] == 0  # as it was: fine again
+
+
+def test_a_generated_column_added_later_is_computed_for_the_rows_already_there(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    dsn, config = env["STREAMD_POSTGRES_DSN"], tmp_path / "c.toml"
+    section = '[tables.clicks]\nstreams = ["clicks"]\ncolumns = { page = "text" }\n'
+    assert db_init(env, config, section)[0] == 0
+    pg_execute(
+        dsn,
+        "INSERT INTO clicks (stream, entry_id, event_type, payload, produced_at) VALUES"
+        """ ('clicks', '1-0', 'c', '{"page": "/a", "ms": 5}', now()),"""
+        """ ('clicks', '1-1', 'c', '{"page": "/b", "ms": "slow"}', now())""",
+    )
+    later = section.replace('page = "text"', 'page = "text", ms = "integer"')
+    code, err = db_init(env, config, later)
+    assert code == 78
+    assert "cannot add column ms: a row already in the table has a value it cannot take" in err
+    pg_execute(dsn, "DELETE FROM clicks WHERE entry_id = '1-1'")
+    assert db_init(env, config, later)[0] == 0
+    assert [tuple(r) for r in pg_fetch(dsn, "SELECT page, ms FROM clicks")] == [("/a", 5)]
