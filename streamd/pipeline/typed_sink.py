@@ -23,7 +23,8 @@ batches meet only on row locks, taken in key order (the batch is sorted by key).
 from __future__ import annotations
 
 import struct
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -74,6 +75,17 @@ def encode_stage(row_start: bytes, rows: list[Row]) -> memoryview:
     return memoryview(b"".join(parts))
 
 
+class StreamPart(Protocol):
+    """One stream's share of a batch bound for one table (rows, and entries dead already)."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def rows(self) -> list[Row]: ...
+    @property
+    def rejects(self) -> list[Rejection]: ...
+
+
 class _RowRefused(Exception):
     """The fast try met a row Postgres refuses: roll it back and take the careful way."""
 
@@ -105,52 +117,90 @@ class TypedSink:
         self._direct = not self._upsert and all(generated(spec, c) for c in spec.columns)
         self._check_create, self._check_sql = typed_sql.check_function(spec)
         self._lock_key = f"streamd.upsert.{spec.name}" if self._upsert and spec.delete_types else ""
-        encoded = stream.encode()
-        self._row_start = (
-            struct.pack(">h", len(typed_sql.STAGE_COLUMNS)) + struct.pack(">i", len(encoded))
-        ) + encoded
+        self._row_starts: dict[str, bytes] = {}
         self._dlq_insert = dlq.insert_sql(quote_ident(dlq_table))
+
+    def _row_start(self, stream: str) -> bytes:
+        """Every COPY row starts with the column count and the (per stream constant) stream."""
+        start = self._row_starts.get(stream)
+        if start is None:
+            if len(self._row_starts) >= 4096:  # streams come and go (patterns): stay bounded
+                self._row_starts.clear()
+            name = stream.encode()
+            count = struct.pack(">h", len(typed_sql.STAGE_COLUMNS))
+            start = self._row_starts[stream] = count + struct.pack(">i", len(name)) + name
+        return start
 
     async def write(
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
-        """Commit rows and dead-letter rows in one transaction. Transient errors propagate.
+        """Commit rows and dead-letter rows of `stream` in one transaction."""
+        return await self.write_for(conn, self.stream, rows, rejects)
 
-        Entries whose type the section's `types` leaves out are skipped (acknowledged, not
+    async def write_parts(
+        self, conn: asyncpg.Connection, parts: Sequence[StreamPart]
+    ) -> list[WriteResult]:
+        """Commit the rows and dead letters of several streams in one transaction; a result per
+        part. One part (the common case) takes the fast way; several, the careful one each."""
+        if len(parts) == 1:
+            part = parts[0]
+            return [await self.write_for(conn, part.stream, part.rows, part.rejects)]
+        async with transaction(conn):
+            return [
+                await self._careful(conn, p.stream, self._wanted_rows(p.rows), p.rejects)
+                for p in parts
+            ]
+
+    def _wanted_rows(self, rows: list[Row]) -> list[Row]:
+        """Entries whose type the section's `types` leaves out are skipped (acknowledged, not
         stored): they count as neither inserted nor duplicates."""
-        if self._wanted:
-            rows = [r for r in rows if r[EVENT_TYPE] in self._wanted]
+        return [r for r in rows if r[EVENT_TYPE] in self._wanted] if self._wanted else rows
+
+    async def write_for(
+        self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult:
+        """Commit one stream's rows and dead-letter rows in one transaction. Transient errors
+        propagate."""
+        rows = self._wanted_rows(rows)
         if rows:
             try:
                 if self._direct:
-                    return await self._write_direct(conn, rows, rejects)
-                return await self._write_fast(conn, rows, rejects)
+                    return await self._write_direct(conn, stream, rows, rejects)
+                return await self._write_fast(conn, stream, rows, rejects)
             except _RowRefused:
                 pass
-        result = WriteResult()
         async with transaction(conn):
-            if rows:
-                await conn.execute(typed_sql.STAGE_CREATE)
-                staged: list[Row] = []
-                await self._stage_isolating(conn, rows, result, staged)
-                if staged:
-                    await self._move_isolating(conn, staged, result)
-            dead = rejects + result.refused
-            if dead:
-                await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, dead))
+            return await self._careful(conn, stream, rows, rejects)
+
+    async def _careful(
+        self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
+    ) -> WriteResult:
+        """The careful way, in the caller's transaction: stage, move, isolate what is refused,
+        write the dead letters; the stage is left empty for the next stream's part."""
+        result = WriteResult()
+        if rows:
+            await conn.execute(typed_sql.STAGE_CREATE)
+            staged: list[Row] = []
+            await self._stage_isolating(conn, stream, rows, result, staged)
+            if staged:
+                await self._move_isolating(conn, staged, result)
+                await conn.execute(f"DELETE FROM {typed_sql.STAGE}")
+        dead = rejects + result.refused
+        if dead:
+            await conn.executemany(self._dlq_insert, dlq.table_rows(stream, dead))
         return result
 
     async def _write_direct(
-        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+        self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
         """One binary COPY into the table (in autocommit when there is nothing else to write);
         a refusal of any row (a value, a replay) and the careful way takes over."""
-        source = encode_copy(self._row_start, rows)  # jsonb payload, same columns
+        source = encode_copy(self._row_start(stream), rows)  # jsonb payload, same columns
         try:
             if rejects:
                 async with transaction(conn):
                     await self._copy_into_table(conn, source)
-                    await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
+                    await conn.executemany(self._dlq_insert, dlq.table_rows(stream, rejects))
             else:
                 async with statement_scope(conn):
                     await self._copy_into_table(conn, source)
@@ -164,7 +214,7 @@ class TypedSink:
         )
 
     async def _write_fast(
-        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
+        self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
         """One try in as few round trips as it takes: BEGIN with the stage's CREATE (and the
         SET LOCALs a pooler needs, as transaction() sends them), the COPY, and an append's
@@ -172,9 +222,9 @@ class TypedSink:
         setup = getattr(conn, "transaction_setup", "")
         await conn.execute(f"BEGIN; {setup + '; ' if setup else ''}{typed_sql.STAGE_CREATE}")
         try:
-            await self._copy(conn, rows)
+            await self._copy(conn, stream, rows)
             if rejects:
-                await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, rejects))
+                await conn.executemany(self._dlq_insert, dlq.table_rows(stream, rejects))
             if not self._upsert:
                 await conn.execute(f"{self._fast_sql}; COMMIT")
                 return WriteResult(inserted=len(rows))
@@ -190,10 +240,10 @@ class TypedSink:
             raise
         return WriteResult(inserted=changed, duplicates=len(rows) - changed)
 
-    async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> None:
+    async def _copy(self, conn: asyncpg.Connection, stream: str, rows: list[Row]) -> None:
         await conn.copy_to_table(
             typed_sql.STAGE,
-            source=encode_stage(self._row_start, rows),
+            source=encode_stage(self._row_start(stream), rows),
             columns=typed_sql.STAGE_COLUMNS,
             format="binary",
         )
@@ -209,13 +259,18 @@ class TypedSink:
         return int(counts["upserted"]) + int(counts["deleted"])
 
     async def _stage_isolating(
-        self, conn: asyncpg.Connection, rows: list[Row], result: WriteResult, staged: list[Row]
+        self,
+        conn: asyncpg.Connection,
+        stream: str,
+        rows: list[Row],
+        result: WriteResult,
+        staged: list[Row],
     ) -> None:
-        """COPY rows into the stage; a payload Postgres cannot parse goes to result.refused."""
+        """COPY rows into the stage; text Postgres refuses (not UTF-8) goes to result.refused."""
         while rows:
             try:
                 async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
-                    await self._copy(conn, rows)
+                    await self._copy(conn, stream, rows)
             except ROW_ERRORS as exc:
                 if len(rows) == 1:
                     result.refused.append(refusal(rows[0], exc))
@@ -223,11 +278,11 @@ class TypedSink:
                 bad = failing_row(exc, len(rows))
                 if bad is None:  # no line number: bisect
                     middle = len(rows) // 2
-                    await self._stage_isolating(conn, rows[:middle], result, staged)
+                    await self._stage_isolating(conn, stream, rows[:middle], result, staged)
                     rows = rows[middle:]
                     continue
                 if bad:
-                    await self._stage_isolating(conn, rows[:bad], result, staged)
+                    await self._stage_isolating(conn, stream, rows[:bad], result, staged)
                 result.refused.append(refusal(rows[bad], exc))
                 rows = rows[bad + 1 :]
             else:

@@ -281,3 +281,39 @@ async def test_keep_payload_false_has_no_payload_column(make_sink: Callable[...,
     )
     assert "payload" not in {r["attname"] for r in columns}
     assert (await state(conn))["o1"][0] == "a"
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    stream: str
+    rows: list[Row]
+    rejects: list[Rejection]
+
+
+@pytest.mark.parametrize("section", [LOG, ORDERS], ids=["append", "upsert"])
+async def test_parts_of_several_streams_commit_together_with_a_result_each(
+    make_sink: Callable[..., Any], section: dict[str, Any]
+) -> None:
+    sink, conn, s = await make_sink(**section)
+    # The same entry IDs in both streams: rows of different streams, never one another's replay.
+    a = rows_of(order(1, "o1", "a1"), order(2, "o2", "a2", "abc"))
+    b = rows_of(order(1, "o1", "b1"), order(2, "o3", "b2"))
+    letter = Rejection(b"9-9", [b"data", b"{}"], "missing_type", "no type")
+    parts = [Part("sa", a, []), Part("sb", b, [letter])]
+    results = await sink.write_parts(conn, parts)
+    upsert = section is ORDERS
+    assert [r.inserted for r in results] == ([1, 2] if upsert else [2, 2])
+    assert [len(r.refused) for r in results] == ([1, 0] if upsert else [0, 0])
+    streams = await conn.fetch("SELECT stream, count(*) AS n FROM t GROUP BY 1 ORDER BY 1")
+    if upsert:  # o1 from both streams at the same entry ID: the stream named last wins
+        assert [tuple(r) for r in streams] == [("sb", 2)]
+        assert (await state(conn))["o1"][0] == "b1"
+    else:
+        assert [tuple(r) for r in streams] == [("sa", 2), ("sb", 2)]
+    letters = await conn.fetch(f"SELECT stream, entry_id, reason FROM {s.dlq_table} ORDER BY 1")
+    expected = [("sb", "9-9", "missing_type")]
+    if upsert:
+        expected.insert(0, ("sa", "1700000000000-2", "invalid_column"))
+    assert [tuple(r) for r in letters] == expected
+    again = await sink.write_parts(conn, parts)  # a replay of both
+    assert [r.inserted for r in again] == [0, 0]
