@@ -10,8 +10,11 @@ Contenders, each writing the same events (order_updated, ~110-byte payloads) in 
 - typed append: [tables.orders] with four columns (TypedSink: stage COPY + INSERT ... SELECT).
 - upsert, distinct keys: mode = "upsert", every event a new key (100,000 keys at the default).
 - upsert, 1,000 hot keys: the same events over 1,000 keys, so most entries update a row.
-Reported: median events/s and the ratio to jsonb append (targets: typed append >= 0.8x, both
-upserts >= 0.5x). Private PostgreSQL under bench/.work (fsync on), unless --postgres-dsn.
+Reported: median events/s and its ratio to jsonb append (targets: typed append >= 0.8x, both
+upserts >= 0.5x); and, steadier on a busy machine, the CPU each event costs (Postgres' processes
+and this one's), as jsonb append's CPU over the contender's: the throughput ratio when CPU
+bounds both. Private PostgreSQL under bench/.work (fsync on), unless --postgres-dsn (then
+without Postgres' CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from bench.run import WORK
+from bench.run import WORK, tree_cpu
 from streamd.backends.schema import apply_schema
 from streamd.config.settings import Settings
 from streamd.config.tables import parse_tables
@@ -92,7 +95,10 @@ async def write_all(dsn: str, sink: Sink, work: list[list[Row]], connections: in
             await conn.close()
 
 
-async def one_run(dsn: str, name: str, work: list[list[Row]], connections: int) -> float:
+async def one_run(
+    dsn: str, pg_pid: int | None, name: str, work: list[list[Row]], connections: int
+) -> tuple[float, float]:
+    """(events/s, CPU microseconds per event) of one contender's run on a fresh table."""
     section = TABLES["upsert, distinct keys" if name.startswith("upsert") else "typed append"]
     settings = dataclasses.replace(
         Settings(postgres_dsn=dsn), tables=parse_tables({"orders": section}, "bench")
@@ -109,14 +115,17 @@ async def one_run(dsn: str, name: str, work: list[list[Row]], connections: int) 
         sink = PostgresSink("orders", "events", "dead_letter_queue")
     else:
         sink = TypedSink("orders", settings.tables[0], "dead_letter_queue")
+    cpu_before = tree_cpu(pg_pid) + time.process_time()
     seconds = await write_all(dsn, sink, work, connections)
-    return sum(len(b) for b in work) / seconds
+    events = sum(len(b) for b in work)
+    cpu = tree_cpu(pg_pid) + time.process_time() - cpu_before
+    return events / seconds, cpu / events * 1e6
 
 
 @contextlib.contextmanager
-def postgres(dsn: str | None) -> Iterator[str]:
+def postgres(dsn: str | None) -> Iterator[tuple[str, int | None]]:
     if dsn:
-        yield dsn
+        yield dsn, None
         return
     WORK.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(WORK / "pg-typed", ignore_errors=True)
@@ -125,7 +134,8 @@ def postgres(dsn: str | None) -> Iterator[str]:
         initdb(template)
     server = PostgresServer(WORK / "pg-typed", template=template, fsync=True)
     try:
-        yield server.start().dsn
+        started = server.start()
+        yield started.dsn, started.pid
     finally:
         server.stop()
 
@@ -145,27 +155,35 @@ def main() -> None:
         "upsert, 1,000 hot keys": batches(args.events, 1000, args.batch),
     }
     rates: dict[str, list[float]] = {name: [] for name in work}
-    with postgres(args.postgres_dsn) as dsn:
+    cpus: dict[str, list[float]] = {name: [] for name in work}
+    with postgres(args.postgres_dsn) as (dsn, pg_pid):
         for run in range(args.repeat):
             for name, batches_ in work.items():  # interleaved: drift hits all alike
-                rate = asyncio.run(one_run(dsn, name, batches_, args.connections))
+                rate, cpu = asyncio.run(one_run(dsn, pg_pid, name, batches_, args.connections))
                 rates[name].append(rate)
-                print(f"run {run + 1}: {name}: {rate:,.0f} events/s", flush=True)
-    report(args, rates)
+                cpus[name].append(cpu)
+                print(f"run {run + 1}: {name}: {rate:,.0f} events/s, {cpu:.1f} us CPU/event")
+    report(args, rates, cpus)
 
 
-def report(args: Any, rates: dict[str, list[float]]) -> None:
+def report(args: Any, rates: dict[str, list[float]], cpus: dict[str, list[float]]) -> None:
     base = statistics.median(rates["jsonb append"])
+    base_cpu = statistics.median(cpus["jsonb append"])
     print(
         f"\n{args.events:,} events in batches of {args.batch} over {args.connections} "
         f"connections, median of {args.repeat}"
     )
-    print(f"{'table':<26}{'events/s':>12}{'vs jsonb':>10}{'target':>9}")
+    print(
+        f"{'table':<26}{'events/s':>10}{'vs jsonb':>10}{'CPU us/ev':>11}{'by CPU':>8}{'target':>8}"
+    )
     for name, values in rates.items():
-        median = statistics.median(values)
+        median, cpu = statistics.median(values), statistics.median(cpus[name])
         target = TARGETS.get(name)
         shown = f">= {target}" if target else ""
-        print(f"{name:<26}{median:>12,.0f}{median / base:>9.2f}x{shown:>9}")
+        print(
+            f"{name:<26}{median:>10,.0f}{median / base:>9.2f}x{cpu:>11.1f}"
+            f"{base_cpu / cpu:>7.2f}x{shown:>8}"
+        )
 
 
 if __name__ == "__main__":
