@@ -1,18 +1,20 @@
 """The Postgres side of a batch for a typed table ([tables.<name>] with columns): append or upsert.
 
-A batch is COPYed (binary) into a staging table of the transaction, then moved into the table
-by one statement (typed_sql.py): Postgres takes the columns out of the payload and casts them.
+An append table whose columns Postgres computes itself (generated from the payload:
+typed_schema.generated) takes a batch as the events table does, in one binary COPY. Otherwise a
+batch is COPYed (binary, payload as text) into a staging table of the transaction and moved into
+the table by one statement (typed_sql.py), which parses each payload once and casts the columns.
 Everything, dead-letter rows included, commits in one transaction, and a replay changes nothing:
-append hits the (stream, entry_id) key, an upsert compares stream positions.
+an append hits the (stream, entry_id) key, an upsert compares stream positions.
 
-The common case is one try: stage, move, commit (an append with a plain INSERT). When Postgres
-refuses a row (or an append meets a row already there: a replay), the transaction is rolled back
-and the batch goes the careful way, with savepoints (an append now with ON CONFLICT DO NOTHING):
-text that is not UTF-8 is split off by its COPY line (as in sink.py); a payload that is not JSON
-or a value a column cannot take is found by a check function (typed_sql.check_function) that
-names the column, and the entry becomes a dead letter (`invalid_json`; `invalid_column`, naming
-the column); its neighbours land. What no check
-explains (a constraint added by hand) is found entry by entry, with Postgres's own message.
+The common case is one try (an append's INSERT plain, without ON CONFLICT). When Postgres refuses
+a row, or an append meets a row already there (a replay), the try is rolled back and the batch
+goes the careful way, through the stage with savepoints (an append now with ON CONFLICT DO
+NOTHING): text that is not UTF-8 is split off by its COPY line (as in sink.py); a payload that is
+not JSON or a value a column cannot take is found by a check function (typed_sql.check_function)
+and the entry becomes a dead letter (`invalid_json`; `invalid_column`, naming the column); its
+neighbours land. What no check explains (a constraint added by hand) is found entry by entry,
+with Postgres's own message.
 
 Upserts into a table with delete_types take a transaction-level advisory lock on the table
 before they move the batch: a delete and an older update of the same key in two concurrent
@@ -100,7 +102,8 @@ def sink_for(settings: Settings, stream: str) -> Sink:
 
 
 class TypedSink:
-    """Writes batches of one stream into one typed table and the DLQ table."""
+    """Writes batches into one typed table and the DLQ table; `stream` is the one `write`
+    writes for (write_parts takes the entries of several)."""
 
     def __init__(self, stream: str, spec: TableSpec, dlq_table: str) -> None:
         self.stream = stream
