@@ -39,7 +39,8 @@ from streamd.config.tables import parse_tables
 from streamd.dev.pg_setup import initdb
 from streamd.dev.servers import PostgresServer
 from streamd.pipeline.envelope import Row, split_entries
-from streamd.pipeline.sink import PostgresSink, Sink
+from streamd.pipeline.sink import PostgresSink
+from streamd.pipeline.sinks import Sink
 from streamd.pipeline.typed_sink import TypedSink
 
 COLUMNS = {"order_id": "text", "status": "text", "amount": "numeric", "items": "integer"}

@@ -21,7 +21,8 @@ from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
 from streamd.pipeline.retry import retry_transient
-from streamd.pipeline.sink import Sink, WriteResult
+from streamd.pipeline.sink import WriteResult
+from streamd.pipeline.sinks import Sink
 from streamd.pipeline.streams import GroupStream
 
 

@@ -19,7 +19,6 @@ import re
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import asyncpg
 
@@ -91,16 +90,6 @@ class WriteResult:
 
 
 _Method = Callable[[asyncpg.Connection, list[Row]], Awaitable[int]]
-
-
-class Sink(Protocol):
-    """What BatchWriter needs of a sink: this one (the events layout) or a typed table's."""
-
-    stream: str
-
-    async def write(
-        self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
-    ) -> WriteResult: ...
 
 
 class PostgresSink:
@@ -177,9 +166,9 @@ class PostgresSink:
                 if isinstance(exc, asyncpg.UniqueViolationError):
                     raise
                 if len(rows) == 1:
-                    result.refused.append(refusal(rows[0], exc))
+                    result.refused.append(_refusal(rows[0], exc))
                     return
-                bad = failing_row(exc, len(rows))
+                bad = _failing_row(exc, len(rows))
                 if bad is None:  # no line number: bisect
                     middle = len(rows) // 2
                     await self._insert_isolating(conn, rows[:middle], method, result)
@@ -187,7 +176,7 @@ class PostgresSink:
                     continue
                 if bad:
                     await self._insert_isolating(conn, rows[:bad], method, result)
-                result.refused.append(refusal(rows[bad], exc))
+                result.refused.append(_refusal(rows[bad], exc))
                 rows = rows[bad + 1 :]
             else:
                 result.inserted += inserted
@@ -216,7 +205,7 @@ class PostgresSink:
         return int(status.rsplit(" ", 1)[-1])
 
 
-def failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:
+def _failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:
     """The index of the row a COPY error names ("COPY events, line 7, ..."), if any."""
     found = _COPY_LINE.search(getattr(exc, "context", None) or "")
     if found is None:
@@ -233,7 +222,7 @@ _REASONS = {
 }
 
 
-def refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
+def _refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
     where = getattr(exc, "context", None) or ""
     column = re.search(r"column (\w+)", where)
     field_name = {"payload": "data", "event_type": "type", "meta": "meta"}.get(
@@ -244,3 +233,8 @@ def refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
     error = f"{field_name}: {message}" if field_name else message
     reason = _REASONS.get(exc.sqlstate or "", "rejected_by_postgres")
     return Rejection(row[ENTRY_ID], row[FIELDS], reason, f"Postgres refused the row: {error}")
+
+
+# The typed tables' sink (typed_sink.py) isolates the rows Postgres refuses the same way.
+failing_row = _failing_row
+refusal = _refusal

@@ -33,15 +33,12 @@ import asyncpg
 from streamd.backends.connections import statement_scope, transaction
 from streamd.backends.sql import quote_ident
 from streamd.backends.typed_schema import generated
-from streamd.config.settings import Settings
-from streamd.config.tables import TableSpec, route
+from streamd.config.tables import TableSpec
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline import typed_sql
 from streamd.pipeline.envelope import ENTRY_ID, EVENT_TYPE, FIELDS, Rejection, Row
 from streamd.pipeline.sink import (
     ROW_ERRORS,
-    PostgresSink,
-    Sink,
     WriteResult,
     encode_copy,
     failing_row,
@@ -90,15 +87,6 @@ class StreamPart(Protocol):
 
 class _RowRefused(Exception):
     """The fast try met a row Postgres refuses: roll it back and take the careful way."""
-
-
-def sink_for(settings: Settings, stream: str) -> Sink:
-    """The sink for a stream's entries: a typed table's when its [tables.<name>] section
-    declares columns, else the events table's (as before typed tables)."""
-    spec = route(settings.tables, stream)
-    if spec is not None and spec.typed:
-        return TypedSink(stream, spec, settings.dlq_table)
-    return PostgresSink(stream, settings.events_table, settings.dlq_table)
 
 
 class TypedSink:

@@ -30,8 +30,8 @@ from streamd.errors import StreamdError
 from streamd.observability.log import bind_context, get_logger
 from streamd.observability.progress import ProgressLog
 from streamd.pipeline.batch import BatchObserver, BatchReport, BatchWriter
+from streamd.pipeline.sinks import sink_for
 from streamd.pipeline.streams import GroupStream
-from streamd.pipeline.typed_sink import sink_for
 from streamd.worker.consumer import Consumer
 from streamd.worker.reaper import Reaper
 from streamd.worker.redis_needs import serve_needs

@@ -88,7 +88,7 @@ async def test_refused_rows_become_dead_letters_and_neighbours_commit(
     isolate_by: str,
 ) -> None:
     if isolate_by == "bisection":
-        monkeypatch.setattr(sink_module, "failing_row", lambda exc, count: None)
+        monkeypatch.setattr(sink_module, "_failing_row", lambda exc, count: None)
     payloads = [b'{"ok": %d}' % i for i in range(40)]
     bad = {
         0: (b"{not json", "invalid_json"),

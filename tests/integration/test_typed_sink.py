@@ -17,7 +17,8 @@ from streamd.backends.schema import apply_schema
 from streamd.config.settings import Settings
 from streamd.config.tables import parse_tables
 from streamd.pipeline.envelope import Rejection, Row, split_entries
-from streamd.pipeline.typed_sink import TypedSink, sink_for
+from streamd.pipeline.sinks import sink_for
+from streamd.pipeline.typed_sink import TypedSink
 
 ORDERS = {
     "streams": ["orders"],
