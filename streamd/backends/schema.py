@@ -1,5 +1,4 @@
-"""Applying init.sql: the events and dead-letter tables, with names from the config; then the
-typed tables of [tables.<name>] sections (typed_schema.py)."""
+"""Applying init.sql: the events and dead-letter tables, with names from the config."""
 
 from __future__ import annotations
 
