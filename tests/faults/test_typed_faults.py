@@ -12,6 +12,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from streamd.dev.pgbouncer import PgBouncerServer
 from streamd.dev.servers import PostgresServer
@@ -20,6 +23,7 @@ from tests.support.helpers import (
     ServeProcess,
     count_rows,
     pending_count,
+    pg_execute,
     redis_client,
     table_locked,
     wait_until,
@@ -124,3 +128,56 @@ def test_kill_9_between_commit_and_ack_and_mid_batch_keep_the_table_the_fold(
     assert orders_table(dsn) == fold(decoded(produced))
     assert count_rows(dsn, "dead_letter_queue") == 0
     assert third.terminate() == 0
+
+
+@hyp_settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    chunks=st.lists(
+        st.lists(st.tuples(st.integers(0, 9), st.integers(0, 5)), min_size=20, max_size=150),
+        min_size=2,
+        max_size=4,
+    ),
+    kill_after=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_random_sequences_with_serve_killed_at_random_end_as_the_fold(
+    env: dict[str, str],
+    tmp_path: Path,
+    start_serve: Callable[..., ServeProcess],
+    chunks: list[list[tuple[int, int]]],
+    kill_after: list[bool],
+) -> None:
+    """Chunks of random updates and deletes (one in six) of ten keys, each chunk produced while
+    a serve ingests; after a chunk, maybe kill -9 the serve as soon as it holds entries
+    (mid-batch or between COMMIT and XACK, wherever it is) and start another, whose reaper
+    replays them after newer ones. The table ends as the fold."""
+    url, dsn = env["STREAMD_REDIS_URL"], env["STREAMD_POSTGRES_DSN"]
+    environ = env | FAST | {"STREAMD_BATCH_SIZE": "15", "STREAMD_TASKS": "3"}
+    environ["STREAMD_CONFIG"] = str(orders_config(tmp_path / "streamd.toml"))
+    with redis_client(url) as r:
+        r.delete("orders")
+    serve = start_serve(environ=environ)
+    serve.wait_ready()
+    pg_execute(dsn, "TRUNCATE orders, orders_tombstones, dead_letter_queue")
+    produced: list[tuple[str, dict[str, object]]] = []
+    for n, (chunk, kill) in enumerate(zip(chunks, kill_after, strict=False)):
+        fields = [
+            deletion(f"o{key}") if kind == 0 else update(f"o{key}", f"c{n}-{i}")
+            for i, (key, kind) in enumerate(chunk)
+        ]
+        produced += zip(produce(url, fields), fields, strict=True)
+        if kill:
+            # With entries in hand: they are replayed after the next chunk's newer ones.
+            wait_until(lambda: pending_count(url, "orders") > 0, timeout=20, interval=0.002)
+            serve.send_signal(signal.SIGKILL, group=True)
+            serve.wait(10)
+            serve = start_serve(environ=environ)
+            serve.wait_ready()
+    wait_until(lambda: drained(url, "orders"), timeout=60, message=serve.tail(20))
+    assert orders_table(dsn) == fold(decoded(produced))
+    assert count_rows(dsn, "dead_letter_queue") == 0
+    serve.send_signal(signal.SIGKILL, group=True)
+    serve.wait(10)
