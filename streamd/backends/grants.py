@@ -28,20 +28,25 @@ FROM (SELECT to_regclass(quote_ident($1)) AS ev, to_regclass(quote_ident($2)) AS
 
 
 async def schema_exists(conn: asyncpg.Connection, settings: Settings) -> bool:
-    """Both tables are visible to this role."""
-    row = await conn.fetchrow(
-        "SELECT to_regclass(quote_ident($1)) IS NOT NULL AND to_regclass(quote_ident($2)) "
-        "IS NOT NULL",
-        settings.events_table,
-        settings.dlq_table,
-    )
-    return bool(row[0])
+    """Every table is visible to this role."""
+    for table in settings.table_names:
+        row = await conn.fetchrow(
+            "SELECT to_regclass(quote_ident($1)) IS NOT NULL AND to_regclass(quote_ident($2)) "
+            "IS NOT NULL",
+            table,
+            settings.dlq_table,
+        )
+        if not row[0]:
+            return False
+    return True
 
 
 async def privilege_problem(conn: asyncpg.Connection, settings: Settings) -> str | None:
     """One line naming the role and what it lacks, or None when it has all `serve` needs."""
-    row = await conn.fetchrow(_CHECK, settings.events_table, settings.dlq_table)
-    missing = _missing(row, settings)
+    missing: list[str] = []
+    for table in settings.table_names:  # each events table, with the one dead-letter table
+        row = await conn.fetchrow(_CHECK, table, settings.dlq_table)
+        missing += [m for m in _missing(row, table, settings.dlq_table) if m not in missing]
     if not missing:
         return None
     return (
@@ -50,14 +55,14 @@ async def privilege_problem(conn: asyncpg.Connection, settings: Settings) -> str
     )
 
 
-def _missing(r: asyncpg.Record, settings: Settings) -> list[str]:
+def _missing(r: asyncpg.Record, events_table: str, dlq_table: str) -> list[str]:
     """INSERT and SELECT on both tables (COPY, INSERT ... ON CONFLICT, and the staging table's
     LIKE need them), USAGE on the dead-letter id sequence, TEMP on the database (the staging
     table for replayed batches), as grant-like phrases."""
     missing: list[str] = []
     for table, present, key in (
-        (settings.events_table, r["has_ev"], "ev"),
-        (settings.dlq_table, r["has_dl"], "dl"),
+        (events_table, r["has_ev"], "ev"),
+        (dlq_table, r["has_dl"], "dl"),
     ):
         if not present:
             missing.append(f"table {table} (not found)")

@@ -36,6 +36,7 @@ from streamd.backends.redis_groups import ensure_group
 from streamd.backends.schema import apply_schema
 from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
+from streamd.config.tables import is_pattern
 from streamd.errors import BootError, ServiceUnavailable, StreamdError
 
 T = TypeVar("T")
@@ -111,7 +112,10 @@ async def check_redis(
                 raise BootError(_acl_message(settings, required, needed_by))
             await client.ping()
             if create_group:
-                await ensure_group(client, settings.stream, settings.group)
+                # The streams the config names; those patterns find get theirs when found.
+                for name in settings.stream_names:
+                    if not is_pattern(name):
+                        await ensure_group(client, name, settings.group)
         except redis.exceptions.NoPermissionError as exc:
             # Refused while connecting (SELECT of the URL's database), or with no needs given.
             refusal = [Refusal(Need(permission_command(exc) or "unknown"), str(exc))]

@@ -56,6 +56,7 @@ class Refusal:
 # How to call each command harmlessly (key, need) -> arguments.
 _PROBES: dict[str, Callable[[str, Need], tuple[Any, ...]]] = {
     "ping": lambda k, n: ("PING",),
+    "scan": lambda k, n: ("SCAN", 0, "MATCH", PROBE_GROUP, "COUNT", 1),
     "select": lambda k, n: ("SELECT", k),  # k: the database number the client already uses
     "client|id": lambda k, n: ("CLIENT", "ID"),
     "client|unblock": lambda k, n: ("CLIENT", "UNBLOCK", 0),  # client IDs start at 1

@@ -9,16 +9,21 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 
-async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
-    """Create the consumer group (and the stream) if missing; True if it was created.
+async def ensure_group(
+    client: aioredis.Redis, stream: str, group: str, *, mkstream: bool = True
+) -> bool:
+    """Create the consumer group (and the stream, unless mkstream is False) if missing; True if
+    it was created. Without mkstream, a stream that does not exist is left alone (False).
 
     A new group starts at the beginning of the stream, so entries written before streamd ever ran
     are ingested too.
     """
     try:
-        await client.xgroup_create(stream, group, id="0", mkstream=True)
+        await client.xgroup_create(stream, group, id="0", mkstream=mkstream)
     except redis.exceptions.ResponseError as exc:
         if "BUSYGROUP" in str(exc):
+            return False
+        if not mkstream and "requires the key to exist" in str(exc):
             return False
         raise
     return True

@@ -1,4 +1,4 @@
-"""Applying init.sql: the events and dead-letter tables, with names from the config."""
+"""Applying init.sql: the events tables and the dead-letter table, with names from the config."""
 
 from __future__ import annotations
 
@@ -30,11 +30,14 @@ async def apply_schema(conn: asyncpg.Connection, settings: Settings) -> None:
     would stay held on whichever server connection the pooler gave us).
     """
     async with transaction(conn):
-        await conn.execute(
-            "SELECT set_config('streamd.events_table', $1, true),"
-            " set_config('streamd.dlq_table', $2, true)",
-            settings.events_table,
-            settings.dlq_table,
-        )
-        await conn.execute(init_sql())
+        # Every events table has the same layout (events_table and each [tables.<name>]
+        # without columns); the one dead-letter table holds the dead letters of every stream.
+        for table in settings.table_names:
+            await conn.execute(
+                "SELECT set_config('streamd.events_table', $1, true),"
+                " set_config('streamd.dlq_table', $2, true)",
+                table,
+                settings.dlq_table,
+            )
+            await conn.execute(init_sql())
         await apply_typed_schema(conn, settings)  # [tables.<name>] sections with columns

@@ -138,8 +138,8 @@ def db_init(ctx: click.Context) -> None:
         settings = configured(ctx)
         asyncio.run(check_postgres(settings))
         typed = [t.name for t in settings.tables if t.typed]
-        names = ", ".join([settings.events_table, settings.dlq_table, *typed])
-        click.echo(f"schema ready: tables {names}")
+        tables = ", ".join((*settings.table_names, *typed, settings.dlq_table))
+        click.echo(f"schema ready: tables {tables}")
 
     run(body)
 

@@ -88,7 +88,12 @@ class Settings:
     )
     group: str = _opt("streamd", "Consumer group (created if missing).", kind="key")
     events_table: str = _opt("events", "Postgres table for events.", kind="table")
-    dlq_stream: str = _opt("", "Dead-letter stream; empty means '<stream>:dead'.", kind="key")
+    dlq_stream: str = _opt(
+        "",
+        "Dead-letter stream of the single `stream`; empty means '<stream>:dead'. With `streams`,"
+        " every stream has its own '<stream>:dead' and this is not used.",
+        kind="key",
+    )
     dlq_table: str = _opt("dead_letter_queue", "Postgres table for dead letters.", kind="table")
     dlq_stream_maxlen: int = _opt(
         1_000_000, "Approximate cap on the dead-letter stream's length (0: no cap).", min=0
@@ -194,6 +199,20 @@ class Settings:
     @property
     def dead_stream(self) -> str:
         return self.dlq_stream or f"{self.stream}:dead"
+
+    def dead_stream_for(self, stream: str) -> str:
+        """A stream's dead-letter stream: `<stream>:dead`; dlq_stream only names the one of the
+        single `stream` (with `streams`, each stream has its own)."""
+        if stream == self.stream and not self.streams:
+            return self.dead_stream
+        return f"{stream}:dead"
+
+    @property
+    def table_names(self) -> tuple[str, ...]:
+        """Every events table serve may write: events_table, then each [tables.<name>] (but
+        typed ones, whose sections declare columns: backends/typed_schema.py makes those)."""
+        names = (t.name for t in self.tables if not t.typed)
+        return tuple(dict.fromkeys((self.events_table, *names)))
 
     def resolved_state_dir(self) -> Path:
         if self.state_dir:

@@ -40,6 +40,7 @@ from streamd.backends.connections import postgres_connect, redis_client
 from streamd.backends.faults import describe
 from streamd.common.procs import pid_alive
 from streamd.config.settings import Settings
+from streamd.config.tables import is_pattern
 from streamd.errors import BootError
 from streamd.observability.latency import cumulative_counts
 from streamd.observability.log import get_logger
@@ -96,11 +97,15 @@ class WorkerMetrics:
         # imported it before setting PROMETHEUS_MULTIPROC_DIR, so pick again, after fork.
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
         self.ingested = Counter(
-            "streamd_events_ingested", "Events committed to Postgres.", registry=registry
+            "streamd_events_ingested",
+            "Events committed to Postgres, by stream.",
+            ["stream"],
+            registry=registry,
         )
         self.duplicates = Counter(
             "streamd_events_duplicate",
-            "Events skipped because Postgres already had them (a replayed batch).",
+            "Events skipped because Postgres already had them (a replayed batch), by stream.",
+            ["stream"],
             registry=registry,
         )
         self.batches = Counter("streamd_batches", "Batches flushed.", registry=registry)
@@ -110,10 +115,11 @@ class WorkerMetrics:
             ["reason", "stream"],
             registry=registry,
         )
-        # Every reason at 0 from the start: rate() and increase() then see the first one.
+        # Every reason at 0 from the start (or from a discovered stream's first batch): rate()
+        # and increase() then see the first one.
+        self._streams: set[str] = set()
         for stream in streams:
-            for reason in DEAD_LETTER_REASONS:
-                self.dead.labels(reason, stream)
+            self._add_stream(stream)
         self.batch_seconds = Histogram(
             "streamd_batch_duration_seconds",
             "One batch from parsing to acknowledgement, including retries.",
@@ -134,15 +140,26 @@ class WorkerMetrics:
         )
         self._bounds = self.latency.upper_bounds
 
+    def _add_stream(self, stream: str) -> None:
+        self._streams.add(stream)
+        self.ingested.labels(stream)
+        self.duplicates.labels(stream)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead.labels(reason, stream)
+
     def observe(self, report: BatchReport) -> None:
-        self.batches.inc()
+        if report.stream not in self._streams:
+            self._add_stream(report.stream)
         if report.inserted:
-            self.ingested.inc(report.inserted)
+            self.ingested.labels(report.stream).inc(report.inserted)
         if report.duplicates:
-            self.duplicates.inc(report.duplicates)
+            self.duplicates.labels(report.stream).inc(report.duplicates)
         if report.dead:
             for reason, count in Tally(r.reason for r in report.dead).items():
                 self.dead.labels(reason, report.stream).inc(count)
+        if not report.leads:  # another stream's share of a batch already counted
+            return
+        self.batches.inc()
         self.batch_seconds.observe(report.total_s)
         self.write_seconds.observe(report.write_s)
         if report.produced_us and report.committed_at:
@@ -157,7 +174,8 @@ def worker_observer(settings: Settings) -> BatchObserver | None:
     """The observer a worker child passes to WorkerHooks; None when metrics are off."""
     if settings.metrics_port == 0 or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
-    return WorkerMetrics(streams=[settings.stream]).observe
+    named = [name for name in settings.stream_names if not is_pattern(name)]
+    return WorkerMetrics(streams=named).observe
 
 
 # ---------------------------------------------------------------------------------------------

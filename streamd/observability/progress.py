@@ -73,13 +73,15 @@ class ProgressLog:
             self._close_window(now)
         i = self.interval
         i.rows += report.inserted
-        i.batches += 1
         i.duplicates += report.duplicates
-        i.retries += report.retries
-        i.latency.add(report.produced_us, report.committed_at)
         for rejection in report.dead:
             i.dead[rejection.reason] += 1
             self._dead_letter(report.stream, rejection)
+        if not report.leads:  # another stream's share of a batch already counted
+            return
+        i.batches += 1
+        i.retries += report.retries
+        i.latency.add(report.produced_us, report.committed_at)
         if report.total_s >= self.settings.slow_batch_s:
             i.slow += 1
             self.log.warning(
@@ -153,7 +155,7 @@ class ProgressLog:
         p50, p99 = done.latency.quantile(0.5), done.latency.quantile(0.99)
         self.log.info(
             "ingest_progress",
-            stream=self.settings.stream,
+            stream=",".join(self.settings.stream_names),
             interval_s=round(elapsed, 1),
             rows=done.rows,
             rows_per_s=round(done.rows / elapsed, 1),
@@ -171,6 +173,8 @@ class ProgressLog:
     async def _backlog(self) -> dict[str, Any]:
         """The group's lag and pending, in entries and in seconds; None where Redis did not say."""
         out: dict[str, Any] = dict.fromkeys(("lag", "lag_s", "pending", "pending_age_s"))
+        if self.settings.streams:  # many streams: their figures are `streamd monitor`'s
+            return out
         with contextlib.suppress(Exception):  # a summary without the lag beats no summary
             async with asyncio.timeout(BACKLOG_TIMEOUT_S):
                 stats = await read_redis_stats(self.client, self.settings)

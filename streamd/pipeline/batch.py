@@ -21,9 +21,9 @@ from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
 from streamd.pipeline.retry import retry_transient
-from streamd.pipeline.sink import WriteResult
+from streamd.pipeline.sink import Part, WriteResult
 from streamd.pipeline.sinks import Sink
-from streamd.pipeline.streams import GroupStream
+from streamd.pipeline.streams import GroupStream, ack_all
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +37,20 @@ class BatchReport:
     dead: list[Rejection]
     write_s: float
     total_s: float
-    produced_us: list[int] = field(repr=False)  # producer times of the committed rows
+    # producer times of the committed rows: of every stream of the flush, on its leading report
+    produced_us: list[int] = field(repr=False)
     committed_at: float = 0.0  # time.time() right after COMMIT
     stream: str = ""  # the stream the batch came from
     retries: int = 0  # transient faults the write and the ack waited out
+    # A flush of several streams makes a report per stream; the first one leads: it stands for
+    # the flush (one batch, its timing, the latencies of all its rows), the others only count
+    # their stream's rows and dead letters.
+    leads: bool = True
 
 
 BatchObserver = Callable[[BatchReport], None]
+# One stream's entries in a flush: its handle, the entries read, dead letters decided already.
+InPart = tuple[GroupStream, list[RawEntry], list[Rejection]]
 
 
 class BatchWriter:
@@ -72,19 +79,25 @@ class BatchWriter:
         extra_dead: list[Rejection] | None = None,
     ) -> BatchReport:
         """Write and acknowledge. Transient faults are retried until they heal (or cancellation)."""
+        return (await self.flush_parts([(stream, entries, extra_dead or [])], log))[0]
+
+    async def flush_parts(self, parts: list[InPart], log: object) -> list[BatchReport]:
+        """Write the entries of several streams (all bound for this writer's table) in one
+        transaction, then acknowledge each stream's; a report per stream."""
         started = time.perf_counter()
-        rows, rejects = split_entries(
-            entries, self.settings.max_event_bytes, self.settings.keep_extra_fields
-        )
-        if extra_dead:
-            rejects += extra_dead
+        split = []
+        for stream, entries, extra_dead in parts:
+            rows, rejects = split_entries(
+                entries, self.settings.max_event_bytes, self.settings.keep_extra_fields
+            )
+            split.append(Part(stream.stream, rows, rejects + extra_dead))
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
 
-        async def write() -> tuple[WriteResult, float]:
+        async def write() -> tuple[list[WriteResult], float]:
             async with self.pool.acquire() as conn:
                 t0 = time.perf_counter()
                 try:
-                    written = await self.sink.write(conn, rows, rejects)
+                    written = await self.sink.write_parts(conn, split)
                 except BaseException:
                     # A write cut off mid-way (server gone, timeout, cancellation) can leave the
                     # connection mid-protocol: never hand it back to the pool for reuse.
@@ -93,8 +106,7 @@ class BatchWriter:
                 return written, time.perf_counter() - t0
 
         # Dead letters handed in (the reaper's poison) are held by this consumer too.
-        held = (entries, extra_dead or [])
-        lease = asyncio.create_task(self._keep_leases(stream, *held), name="lease-renewal")
+        lease = asyncio.create_task(self._keep_leases(parts), name="lease-renewal")
         retries = 0
 
         def count_retry(_exc: BaseException) -> None:
@@ -102,16 +114,16 @@ class BatchWriter:
             retries += 1
 
         try:
-            result, write_s = await retry_transient(
+            results, write_s = await retry_transient(
                 write, backoff=backoff, log=log, what="write", on_retry=count_retry
             )
             committed_at = time.time()
-            refused = result.refused
-            dead = rejects + refused
-            committed = _without(rows, refused)
-            good_ids = [r[ENTRY_ID] for r in committed]
+            acks = []
+            for (stream, _, _), part, result in zip(parts, split, results, strict=True):
+                committed = _without(part.rows, result.refused)
+                acks.append((stream, committed, part.rejects + result.refused))
             await retry_transient(
-                lambda: stream.ack(good_ids, dead),
+                lambda: ack_all([(s, [r[ENTRY_ID] for r in c], d) for s, c, d in acks]),
                 backoff=backoff,
                 log=log,
                 what="ack",
@@ -119,40 +131,55 @@ class BatchWriter:
             )
         finally:
             lease.cancel()
-        report = BatchReport(
-            consumer=stream.consumer,
-            entries=len(entries),
-            inserted=result.inserted,
-            duplicates=result.duplicates,
-            dead=dead,
-            write_s=write_s,
-            total_s=time.perf_counter() - started,
-            produced_us=[r[PRODUCED_US] for r in committed] if self.observer else [],
-            committed_at=committed_at,
-            stream=stream.stream,
-            retries=retries,
+        total_s = time.perf_counter() - started
+        latencies = (
+            [r[PRODUCED_US] for _, committed, _ in acks for r in committed] if self.observer else []
         )
+        reports = [
+            BatchReport(
+                consumer=stream.consumer,
+                entries=len(entries),
+                inserted=result.inserted,
+                duplicates=result.duplicates,
+                dead=dead,
+                write_s=write_s,
+                total_s=total_s,
+                produced_us=latencies if i == 0 else [],
+                committed_at=committed_at,
+                stream=stream.stream,
+                retries=retries if i == 0 else 0,
+                leads=i == 0,
+            )
+            for i, ((stream, entries, _), result, (_, _, dead)) in enumerate(
+                zip(parts, results, acks, strict=True)
+            )
+        ]
         if self.observer is not None:
-            self.observer(report)
-        return report
+            for report in reports:
+                self.observer(report)
+        return reports
 
-    async def _keep_leases(
-        self, stream: GroupStream, entries: list[RawEntry], extra: list[Rejection]
-    ) -> None:
+    async def _keep_leases(self, parts: list[InPart]) -> None:
         """While a flush is slow (Postgres down, a huge batch), keep its entries' idle time below
         claim_min_idle_ms so no reaper takes over a batch that is still being worked on."""
         interval = self.settings.claim_min_idle_ms / 1000 / 3
         await asyncio.sleep(interval)  # most flushes end long before: no ID list for them
-        ids = [entry[0] for entry in entries] + [r.entry_id for r in extra]
-        while ids:
-            try:
-                await stream.renew(ids)
-            except TRANSIENT_ERRORS:
-                pass  # the flush's retries report outages
-            except redis.exceptions.ResponseError as exc:
-                if group_gone(exc) is None:
-                    raise
-                return  # nothing left to hold: the consumer's next read recreates the group
+        held = [
+            (stream, [entry[0] for entry in entries] + [r.entry_id for r in extra])
+            for stream, entries, extra in parts
+        ]
+        held = [(stream, ids) for stream, ids in held if ids]
+        while held:
+            for stream, ids in list(held):
+                try:
+                    await stream.renew(ids)
+                except TRANSIENT_ERRORS:
+                    pass  # the flush's retries report outages
+                except redis.exceptions.ResponseError as exc:
+                    if group_gone(exc) is None:
+                        raise
+                    # nothing left to hold: the consumer's next read recreates the group
+                    held.remove((stream, ids))
             await asyncio.sleep(interval)
 
 

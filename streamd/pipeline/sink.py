@@ -52,7 +52,19 @@ def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
 
     memoryview, because asyncpg takes plain bytes for a file path.
     """
-    parts = [_HEADER]
+    return encode_copy_parts([(row_start, rows)])
+
+
+def encode_copy_parts(parts: list[tuple[bytes, list[Row]]]) -> memoryview:
+    """One binary COPY stream for the rows of several streams, each with its own row start."""
+    out = [_HEADER]
+    for row_start, rows in parts:
+        _encode_rows(out, row_start, rows)
+    out.append(_TRAILER)
+    return memoryview(b"".join(out))
+
+
+def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row]) -> None:
     extend = parts.extend
     # Per batch, encode once what repeats: a stream has few event types, and entry IDs and
     # payloads come in few lengths (the row start and the jsonb header depend only on those).
@@ -77,8 +89,6 @@ def encode_copy(row_start: bytes, rows: list[Row]) -> memoryview:
             parts.append(_NULL)
         else:
             extend((_pack_json(len(meta) + 1, 1), meta))
-    parts.append(_TRAILER)
-    return memoryview(b"".join(parts))
 
 
 @dataclass(slots=True)
@@ -89,18 +99,26 @@ class WriteResult:
     refused: list[Rejection] = field(default_factory=list)
 
 
-_Method = Callable[[asyncpg.Connection, list[Row]], Awaitable[int]]
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One stream's share of a batch: its rows and the entries that are dead letters already."""
+
+    stream: str
+    rows: list[Row]
+    rejects: list[Rejection]
+
+
+_Method = Callable[[asyncpg.Connection, str, list[Row]], Awaitable[int]]
 
 
 class PostgresSink:
-    """Writes batches for one stream into one events table and one DLQ table."""
+    """Writes batches into one events table and one DLQ table; a batch may hold the entries of
+    several streams (each row says its stream). `stream` is the one `write` writes for."""
 
     def __init__(self, stream: str, events_table: str, dlq_table: str) -> None:
         self.stream = stream
         self.events_table = events_table
-        # Every row starts with the column count and the (constant) stream column.
-        self._row_start = struct.pack(">h", len(_COLUMNS)) + _pack_i(len(stream.encode()))
-        self._row_start += stream.encode()
+        self._row_starts: dict[str, bytes] = {}
         self._events = quote_ident(events_table)
         self._dlq_insert = dlq.insert_sql(quote_ident(dlq_table))
         self._stage_create = (
@@ -113,55 +131,72 @@ class PostgresSink:
             "ON CONFLICT (stream, entry_id) DO NOTHING"
         )
 
-    def copy_source(self, rows: list[Row]) -> memoryview:
-        """The binary COPY stream this sink sends for rows."""
-        return encode_copy(self._row_start, rows)
+    def _row_start(self, stream: str) -> bytes:
+        """Every row starts with the column count and the (constant per stream) stream column."""
+        start = self._row_starts.get(stream)
+        if start is None:
+            if len(self._row_starts) >= 4096:  # streams come and go (patterns): stay bounded
+                self._row_starts.clear()
+            name = stream.encode()
+            start = self._row_starts[stream] = (
+                struct.pack(">h", len(_COLUMNS)) + _pack_i(len(name)) + name
+            )
+        return start
+
+    def copy_source(self, rows: list[Row], stream: str | None = None) -> memoryview:
+        """The binary COPY stream this sink sends for rows of a stream (default: `stream`)."""
+        return encode_copy(self._row_start(stream or self.stream), rows)
 
     async def write(
         self, conn: asyncpg.Connection, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
-        """Commit rows and dead-letter rows in one transaction. Transient errors propagate."""
-        if rows and not rejects:
+        """Commit rows and dead-letter rows of `stream` in one transaction."""
+        return (await self.write_parts(conn, [Part(self.stream, rows, rejects)]))[0]
+
+    async def write_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> list[WriteResult]:
+        """Commit every part's rows and dead-letter rows in one transaction; a result per part.
+        Transient errors propagate."""
+        if any(p.rows for p in parts) and not any(p.rejects for p in parts):
             # The common case: one COPY in autocommit, one round trip, atomic on its own. If
             # Postgres refuses it for any row's sake, nothing was written: take the careful path.
             try:
                 async with statement_scope(conn):
-                    await self._copy(conn, rows)
-                return WriteResult(inserted=len(rows))
+                    await self._copy_parts(conn, parts)
+                return [WriteResult(inserted=len(p.rows)) for p in parts]
             except ROW_ERRORS:
                 pass
-        result = WriteResult()
         try:
-            await self._write_with(conn, rows, rejects, self._copy, result)
+            return await self._write_with(conn, parts, self._copy)
         except asyncpg.UniqueViolationError:
             # Some of these rows are already committed: write only what is new.
-            result = WriteResult()
-            await self._write_with(conn, rows, rejects, self._copy_staged, result)
-        return result
+            return await self._write_with(conn, parts, self._copy_staged)
 
     async def _write_with(
-        self,
-        conn: asyncpg.Connection,
-        rows: list[Row],
-        rejects: list[Rejection],
-        method: _Method,
-        result: WriteResult,
-    ) -> None:
+        self, conn: asyncpg.Connection, parts: list[Part], method: _Method
+    ) -> list[WriteResult]:
+        results = [WriteResult() for _ in parts]
         async with transaction(conn):
-            if rows:
-                await self._insert_isolating(conn, rows, method, result)
-            dead = rejects + result.refused
-            if dead:
-                await conn.executemany(self._dlq_insert, dlq.table_rows(self.stream, dead))
+            for part, result in zip(parts, results, strict=True):
+                if part.rows:
+                    await self._insert_isolating(conn, part.stream, part.rows, method, result)
+                dead = part.rejects + result.refused
+                if dead:
+                    await conn.executemany(self._dlq_insert, dlq.table_rows(part.stream, dead))
+        return results
 
     async def _insert_isolating(
-        self, conn: asyncpg.Connection, rows: list[Row], method: _Method, result: WriteResult
+        self,
+        conn: asyncpg.Connection,
+        stream: str,
+        rows: list[Row],
+        method: _Method,
+        result: WriteResult,
     ) -> None:
         """Insert rows in the open transaction; rows Postgres refuses go to result.refused."""
         while rows:
             try:
                 async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
-                    inserted = await method(conn, rows)
+                    inserted = await method(conn, stream, rows)
             except ROW_ERRORS as exc:
                 if isinstance(exc, asyncpg.UniqueViolationError):
                     raise
@@ -171,11 +206,11 @@ class PostgresSink:
                 bad = _failing_row(exc, len(rows))
                 if bad is None:  # no line number: bisect
                     middle = len(rows) // 2
-                    await self._insert_isolating(conn, rows[:middle], method, result)
+                    await self._insert_isolating(conn, stream, rows[:middle], method, result)
                     rows = rows[middle:]
                     continue
                 if bad:
-                    await self._insert_isolating(conn, rows[:bad], method, result)
+                    await self._insert_isolating(conn, stream, rows[:bad], method, result)
                 result.refused.append(_refusal(rows[bad], exc))
                 rows = rows[bad + 1 :]
             else:
@@ -183,20 +218,26 @@ class PostgresSink:
                 result.duplicates += len(rows) - inserted
                 return
 
-    async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> int:
+    async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> None:
+        source = encode_copy_parts([(self._row_start(p.stream), p.rows) for p in parts if p.rows])
+        await conn.copy_to_table(
+            self.events_table, source=source, columns=_COLUMNS, format="binary"
+        )
+
+    async def _copy(self, conn: asyncpg.Connection, stream: str, rows: list[Row]) -> int:
         await conn.copy_to_table(
             self.events_table,
-            source=self.copy_source(rows),
+            source=self.copy_source(rows, stream),
             columns=_COLUMNS,
             format="binary",
         )
         return len(rows)
 
-    async def _copy_staged(self, conn: asyncpg.Connection, rows: list[Row]) -> int:
+    async def _copy_staged(self, conn: asyncpg.Connection, stream: str, rows: list[Row]) -> int:
         await conn.execute(self._stage_create)
         await conn.copy_to_table(
             _STAGE,
-            source=self.copy_source(rows),
+            source=self.copy_source(rows, stream),
             columns=_COLUMNS,
             format="binary",
         )

@@ -42,6 +42,11 @@ class RawConnection:
         self.ask_client_id = True
 
     async def call(self, *args: Any) -> Any:
+        return (await self.call_many([args]))[0]
+
+    async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Several commands in one round trip (pipelined); an error reply of any is raised after
+        every reply was read, so the connection stays in step."""
         async with self._lock:
             try:
                 if self._conn is None:
@@ -56,7 +61,7 @@ class RawConnection:
                         self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
                     except redis.exceptions.NoPermissionError:
                         self.ask_client_id = False
-                return await self._exchange(conn, args)
+                return await self._exchange_many(conn, commands)
             except redis.exceptions.ResponseError:
                 raise  # an error reply: the connection is in step and stays
             except BaseException:
@@ -69,6 +74,24 @@ class RawConnection:
     async def _exchange(conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
         await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
         return await conn.read_response(disable_decoding=True)
+
+    @staticmethod
+    async def _exchange_many(
+        conn: AbstractConnection, commands: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        packed = b"".join(hiredis.pack_command(args) for args in commands)
+        await conn.send_packed_command(packed, check_health=False)
+        replies: list[Any] = []
+        error: redis.exceptions.ResponseError | None = None
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response(disable_decoding=True))
+            except redis.exceptions.ResponseError as exc:
+                error = error or exc
+                replies.append(exc)
+        if error is not None:
+            raise error
+        return replies
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -93,6 +116,8 @@ class GroupStream:
         consumer: str,
         dead_stream: str,
         dead_maxlen: int,
+        raw: RawConnection | None = None,
+        create_missing: bool = True,
     ) -> None:
         self.client = client
         self.stream = stream
@@ -100,7 +125,11 @@ class GroupStream:
         self.consumer = consumer
         self.dead_stream = dead_stream
         self.dead_maxlen = dead_maxlen
-        self.raw = RawConnection(client)
+        # Shared by every stream a consumer reads (one connection per consumer, not per stream).
+        self.raw = raw if raw is not None else RawConnection(client)
+        # A stream named in the config is created when missing; one a pattern found is not
+        # (deleted, it is gone: the next discovery forgets it).
+        self.create_missing = create_missing
 
     @property
     def client_id(self) -> int | None:
@@ -153,7 +182,7 @@ class GroupStream:
         cause = group_gone(exc)
         if cause is None:
             return False
-        if await ensure_group(self.client, self.stream, self.group):
+        if await ensure_group(self.client, self.stream, self.group, mkstream=self.create_missing):
             log.warning(
                 "group_recreated",
                 stream=self.stream,
@@ -168,3 +197,21 @@ class GroupStream:
         """Reset the idle time of entries this consumer holds (XCLAIM JUSTID does not count as a
         delivery), so reapers elsewhere do not take over a batch that is slow, not abandoned."""
         await self.raw.call("XCLAIM", self.stream, self.group, self.consumer, 0, *ids, "JUSTID")
+
+
+async def ack_all(acks: list[tuple[GroupStream, list[bytes], list[Rejection]]]) -> int:
+    """Acknowledge the committed entries of several streams: the XACKs of streams sharing a
+    connection go in one round trip; each stream's dead letters through its own script (its
+    keys are that stream and its dead stream). Returns the dead letters written."""
+    by_conn: dict[int, tuple[RawConnection, list[tuple[Any, ...]]]] = {}
+    for stream, ids, _ in acks:
+        if ids:
+            _, commands = by_conn.setdefault(id(stream.raw), (stream.raw, []))
+            commands.append(("XACK", stream.stream, stream.group, *ids))
+    for raw, commands in by_conn.values():
+        await raw.call_many(commands)
+    written = 0
+    for stream, _, dead in acks:
+        if dead:
+            written += await stream.ack((), dead)
+    return written

@@ -1,5 +1,9 @@
 """A consumer task: read -> batch -> write to Postgres -> acknowledge, until told to stop.
 
+One task reads every stream the worker consumes, in one XREADGROUP per read (pipeline/reader.py);
+a batch is split by target table at flush time, and each stream's entries are acknowledged on
+their own stream.
+
 A batch is flushed when it holds `batch_size` entries, when `batch_timeout_s` has passed since its
 first entry, or as soon as a read comes back short (the stream is drained), so latency at low rates
 is one round trip, not the timeout. The task reads again only after its batch is committed and
@@ -11,27 +15,39 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 from streamd.backends.faults import TRANSIENT_ERRORS
 from streamd.common.aio import wait_event
 from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.observability.log import get_logger
-from streamd.pipeline.batch import BatchReport, BatchWriter
-from streamd.pipeline.envelope import RawEntry
+from streamd.pipeline.batch import BatchReport, BatchWriter, InPart
+from streamd.pipeline.reader import GroupReader, StreamEntries
 from streamd.pipeline.retry import log_fault
-from streamd.pipeline.streams import GroupStream
+from streamd.pipeline.routes import Routes
+
+
+class Streams(Protocol):
+    """What a consumer reads: the current streams, replaced whole when a discovery changes them."""
+
+    streams: tuple[str, ...]
+    refreshes: int
 
 
 class Consumer:
-    """One consumer task of the group, named `<host>:<pid>:<task>`."""
+    """One consumer task of the group, named `<host>:<pid>:<task>`, reading every stream."""
 
-    def __init__(self, settings: Settings, stream: GroupStream, writer: BatchWriter) -> None:
+    def __init__(
+        self, settings: Settings, reader: GroupReader, streams: Streams, routes: Routes
+    ) -> None:
         self.settings = settings
-        self.stream = stream
-        self.writer = writer
-        self.log = get_logger(consumer=stream.consumer)
+        self.reader = reader
+        self.streams = streams
+        self.routes = routes
+        self.log = get_logger(consumer=reader.consumer)
         self._stopping = asyncio.Event()
+        self._refreshes_seen = -1
         # After a lost connection, Redis may have delivered entries whose reply never arrived:
         # they are pending under this consumer's name. Take them back before reading new ones,
         # rather than leaving them to the reaper's claim_min_idle_ms.
@@ -40,7 +56,7 @@ class Consumer:
     @property
     def client_id(self) -> int | None:
         """CLIENT ID of the read connection, to wake a blocked read with CLIENT UNBLOCK."""
-        return self.stream.client_id
+        return self.reader.client_id
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from run(). Pair with a CLIENT UNBLOCK."""
@@ -53,23 +69,50 @@ class Consumer:
     async def run(self) -> None:
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
         while not self.stopping:
+            names = self._current()
+            if not names:  # nothing to read yet (a pattern that matches nothing)
+                await wait_event(self._stopping, min(1.0, self.settings.discover_interval_s))
+                continue
             try:
-                entries = await self._fill_batch()
+                got, backlog = await self._fill_batch(names)
             except Exception as exc:
-                if not await self._read_failed(exc, backoff):
+                if not await self._read_failed(exc, names, backoff):
                     raise
                 continue
             backoff.reset()
-            if entries:
-                report = await self.writer.flush(self.stream, entries, self.log)
-                self._log_flush(report)
+            if got:
+                await self._flush(got, backlog)
 
-    async def _read_failed(self, exc: BaseException, backoff: Backoff) -> bool:
+    def _current(self) -> tuple[str, ...]:
+        names = self.streams.streams
+        if self.streams.refreshes != self._refreshes_seen:
+            self._refreshes_seen = self.streams.refreshes
+            self.reader.keep_only(names)
+        return names
+
+    async def _flush(self, got: list[StreamEntries], backlog: set[str]) -> None:
+        """One flush per target table, each of its streams' entries in one transaction. Streams
+        drained by this batch go first, in a flush of their own, then the ones with a backlog:
+        a quiet stream's few entries never wait for a big batch of another's to be written."""
+        quiet = [item for item in got if item[0].stream not in backlog]
+        busy = [item for item in got if item[0].stream in backlog]
+        for share in (quiet, busy) if quiet and busy else (got,):
+            by_table: dict[int, tuple[BatchWriter, list[InPart]]] = {}
+            for stream, entries in share:
+                writer = self.routes.writer(stream.stream)
+                by_table.setdefault(id(writer), (writer, []))[1].append((stream, entries, []))
+            for writer, parts in by_table.values():
+                reports = await writer.flush_parts(parts, self.log)
+                self._log_flush(reports)
+
+    async def _read_failed(
+        self, exc: BaseException, names: tuple[str, ...], backoff: Backoff
+    ) -> bool:
         """After a failed read: True when the consumer may go on (the group is back, or after a
         backoff for a transient fault), False for an error it cannot handle."""
         self._check_own_pending = True
         try:
-            if await self.stream.recover(exc, self.log):  # stream or group deleted under us
+            if await self.reader.recover(exc, names, self.log):  # stream or group deleted
                 return True
         except TRANSIENT_ERRORS as again:  # Redis went away while we recreated them
             exc = again
@@ -80,41 +123,58 @@ class Consumer:
         await wait_event(self._stopping, delay)
         return True
 
-    async def _fill_batch(self) -> list[RawEntry]:
+    async def _fill_batch(self, names: tuple[str, ...]) -> tuple[list[StreamEntries], set[str]]:
+        """Entries of up to batch_size in all, from any of the streams, and the streams whose
+        last reply was full (a backlog waits there).
+
+        Fair share: the first read of every batch names every stream, with COUNT the batch's
+        room divided among them, so a quiet stream's entries join the very next batch whatever
+        backlog another has; the reads that top the batch up name only the streams whose last
+        reply was full (more is waiting there). A batch never holds more than
+        max(batch_size, streams) entries, and one stream's backlog never starves another's.
+        """
         s = self.settings
         if self._check_own_pending:
-            own = await self.stream.read(s.batch_size, None, own_pending=True)
+            count = max(1, s.batch_size // len(names))
+            own = await self.reader.read(names, count, None, own_pending=True)
             if own:
-                self.log.info("own_pending_recovered", count=len(own))
-                return own
+                self.log.info("own_pending_recovered", count=sum(len(e) for _, e in own))
+                return own, set()
             self._check_own_pending = False
-        entries: list[RawEntry] = []
+        held: dict[str, StreamEntries] = {}
+        total = 0
         deadline = 0.0
-        while len(entries) < s.batch_size and not self.stopping:
-            count = min(s.read_count, s.batch_size - len(entries))
-            if entries:
-                got = await self.stream.read(count, None)
-            else:
-                if self.stopping:
-                    break
-                got = await self.stream.read(count, s.block_ms)
+        asking: tuple[str, ...] | list[str] = names
+        while total < s.batch_size and not self.stopping:
+            count = max(1, min(s.read_count, (s.batch_size - total) // len(asking)))
+            got = await self.reader.read(asking, count, None if held else s.block_ms)
             if not got:
                 break
-            if not entries:
+            if not held:
                 deadline = time.monotonic() + s.batch_timeout_s
-            entries.extend(got)
-            if len(got) < count or time.monotonic() >= deadline:
+            for stream, entries in got:
+                before = held.get(stream.stream)
+                if before is None:
+                    held[stream.stream] = (stream, entries)
+                else:
+                    before[1].extend(entries)
+                total += len(entries)
+            asking = [stream.stream for stream, entries in got if len(entries) >= count]
+            if not asking or time.monotonic() >= deadline:
                 break  # drained, or the batch is old enough: flush now
-        return entries
+        return list(held.values()), set(asking) if held else set()
 
-    def _log_flush(self, report: BatchReport) -> None:
+    def _log_flush(self, reports: list[BatchReport]) -> None:
         # One line per batch is too many for journald at speed (its default limit is 10,000
         # lines per 30 s); the worker's ingest_progress line sums them up at info.
+        if not reports:
+            return
         self.log.debug(
             "batch_flushed",
-            rows=report.inserted,
-            duplicates=report.duplicates,
-            dlq=len(report.dead),
-            ms=round(report.total_s * 1000, 2),
-            write_ms=round(report.write_s * 1000, 2),
+            rows=sum(r.inserted for r in reports),
+            duplicates=sum(r.duplicates for r in reports),
+            dlq=sum(len(r.dead) for r in reports),
+            streams=len(reports),
+            ms=round(reports[0].total_s * 1000, 2),
+            write_ms=round(reports[0].write_s * 1000, 2),
         )

@@ -29,12 +29,13 @@ from streamd.config.settings import Settings
 from streamd.errors import StreamdError
 from streamd.observability.log import bind_context, get_logger
 from streamd.observability.progress import ProgressLog
-from streamd.pipeline.batch import BatchObserver, BatchReport, BatchWriter
-from streamd.pipeline.sinks import sink_for
-from streamd.pipeline.streams import GroupStream
+from streamd.pipeline.batch import BatchObserver, BatchReport
+from streamd.pipeline.reader import GroupReader
+from streamd.pipeline.routes import Routes
 from streamd.worker.consumer import Consumer
-from streamd.worker.reaper import Reaper
+from streamd.worker.reapers import Reapers
 from streamd.worker.redis_needs import serve_needs
+from streamd.worker.stream_set import StreamSet
 
 HEARTBEAT_INTERVAL_S = 1.0
 CLOSE_TIMEOUT_S = 5.0  # per step of a worker's shutdown (tasks, each client, the pool)
@@ -70,7 +71,9 @@ class Worker:
         self.hooks = hooks or WorkerHooks()
         self.log = get_logger()
         self.consumers: list[Consumer] = []
-        self.reaper: Reaper | None = None
+        self.reaper: Reapers | None = None
+        self.stream_set: StreamSet | None = None
+        self._wakers: set[asyncio.Task[None]] = set()
         self.progress: ProgressLog | None = None
         self._stop = asyncio.Event()
         self._may_unblock = True  # CLIENT UNBLOCK allowed (False once the ACL refused it)
@@ -116,34 +119,40 @@ class Worker:
         # socket timeout covers a blocked XREADGROUP (block_ms) on top of redis_timeout_s. Each
         # consumer keeps one and may borrow one more at a time (the dead-letter script): a pool
         # any smaller answers "Too many connections" when every batch has a dead letter.
-        readers = redis_client(
+        read_client = redis_client(
             s, extra_timeout_s=s.block_ms / 1000, max_connections=2 * s.tasks + 2
         )
-        streams: list[GroupStream] = []
+        readers: list[GroupReader] = []
         tasks: list[asyncio.Task[None]] = []
         self.progress = ProgressLog(s, control)
         try:
-            sink = sink_for(s, s.stream)
-            writer = BatchWriter(s, pool, sink, _both(self.hooks.observer, self.progress.observe))
+            self.stream_set = stream_set = StreamSet(s, control)
+            await stream_set.refresh()
+            routes = Routes(s, pool, _both(self.hooks.observer, self.progress.observe))
             prefix = consumer_prefix()
             for i in range(s.tasks):
-                streams.append(self._group_stream(readers, f"{prefix}:{i}"))
-                self.consumers.append(Consumer(s, streams[-1], writer))
-            streams.append(self._group_stream(control, f"{prefix}:reaper"))
-            self.reaper = Reaper(s, control, streams[-1], writer)
+                readers.append(self._reader(read_client, f"{prefix}:{i}", stream_set))
+                self.consumers.append(Consumer(s, readers[-1], stream_set, routes))
+            readers.append(self._reader(control, f"{prefix}:reaper", stream_set))
+            self.reaper = Reapers(s, control, readers[-1], stream_set, routes)
             for i, consumer in enumerate(self.consumers):
                 tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{i}"))
             tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
+            if stream_set.has_patterns:
+                # A new stream joins the reads at once, not after a blocked read's block_ms.
+                stream_set.on_change.append(lambda: self._wake_soon(control))
+                tasks.append(asyncio.create_task(stream_set.run(), name="discover"))
             if s.log_interval_s > 0:
                 tasks.append(asyncio.create_task(self.progress.run(), name="progress"))
             tasks.extend(make(self) for make in self.hooks.extra_tasks)
             self.log.info(
                 "worker_started",
                 tasks=s.tasks,
-                stream=s.stream,
+                stream=s.stream if not s.streams else None,
                 group=s.group,
                 consumer_prefix=prefix,
                 postgres_pooler=pooler_in_use(s),
+                streams=len(stream_set.streams),
             )
             _tune_gc()
             if self.hooks.on_ready is not None:
@@ -154,14 +163,14 @@ class Worker:
             # The heartbeat goes on until everything is closed: a worker on its way out is not
             # a hung one, and the supervisor must see it exit, not kill it 30 s later.
             try:
-                await self._close(tasks, streams, [readers, control], pool)
+                await self._close(tasks, readers, [read_client, control], pool)
             finally:
                 heartbeat.cancel()
 
     async def _close(
         self,
         tasks: list[asyncio.Task[None]],
-        streams: list[GroupStream],
+        readers: list[GroupReader],
         clients: list[aioredis.Redis],
         pool: object,
     ) -> None:
@@ -174,7 +183,7 @@ class Worker:
             if stuck:
                 names = sorted(t.get_name() for t in stuck)
                 self.log.warning("worker_tasks_not_stopping", tasks=names)
-        for closing in [*(s.aclose() for s in streams), *(c.aclose() for c in clients)]:
+        for closing in [*(r.aclose() for r in readers), *(c.aclose() for c in clients)]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(closing, timeout=CLOSE_TIMEOUT_S)
         await _close_pool(pool)
@@ -193,16 +202,22 @@ class Worker:
                 fix=grant(user, refusals),
             )
 
-    def _group_stream(self, client: aioredis.Redis, consumer: str) -> GroupStream:
+    def _reader(self, client: aioredis.Redis, consumer: str, stream_set: StreamSet) -> GroupReader:
         s = self.settings
-        return GroupStream(
+        return GroupReader(
             client,
-            stream=s.stream,
             group=s.group,
             consumer=consumer,
-            dead_stream=s.dead_stream,
+            dead_stream_for=s.dead_stream_for,
             dead_maxlen=s.dlq_stream_maxlen,
+            named=stream_set.named,
         )
+
+    def _wake_soon(self, control: aioredis.Redis) -> None:
+        """Wake the blocked reads (in a task: discovery's callback is synchronous)."""
+        if not self._stop.is_set():
+            self._wakers.add(task := asyncio.create_task(self._wake_readers(control)))
+            task.add_done_callback(self._wakers.discard)
 
     async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> None:
         """Wait for a stop request; a task that dies on its own takes the worker down with it,
@@ -228,6 +243,8 @@ class Worker:
             consumer.stop()
         if self.reaper is not None:
             self.reaper.stop()
+        if self.stream_set is not None:
+            self.stream_set.stop()
         if self.progress is not None:
             self.progress.stop()
         if self._fast:

@@ -67,7 +67,8 @@ def dead_local_pid(consumer: str, host: str | None) -> int | None:
 
 
 class Reaper:
-    """One per worker process; its consumer name is `<host>:<pid>:reaper`."""
+    """The recovery of one stream; its consumer name is `<host>:<pid>:reaper`. A worker runs one
+    per stream it consumes, a few streams per round (worker/reapers.py)."""
 
     def __init__(
         self, settings: Settings, client: aioredis.Redis, stream: GroupStream, writer: BatchWriter
@@ -75,6 +76,7 @@ class Reaper:
         self.settings = settings
         self.client = client
         self.stream = stream
+        self.name = stream.stream
         self.writer = writer
         self.log = get_logger(consumer=stream.consumer)
         self._stopping = asyncio.Event()
@@ -93,10 +95,10 @@ class Reaper:
             try:
                 await self.run_once()
             except Exception as exc:
-                await self._round_failed(exc)
+                await self.round_failed(exc)
             await wait_event(self._stopping, self.settings.reaper_interval_s)
 
-    async def _round_failed(self, exc: BaseException) -> None:
+    async def round_failed(self, exc: BaseException) -> None:
         """A round that failed is tried again next interval: the stream or group recreated if
         they are gone, a transient fault (a permission revoked, too) logged. Others propagate."""
         try:
@@ -109,19 +111,29 @@ class Reaper:
         log_fault(self.log, "reaper", exc, retry_in_s=self.settings.reaper_interval_s)
 
     async def run_once(self) -> None:
-        await self.watch_group()
-        await self.adopt_dead_local_consumers()
-        await self.reclaim()
-        await self.delete_idle_consumers()
-        if self.settings.trim:
-            await self.trim()
-
-    async def watch_group(self) -> None:
-        """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
-        the round's error handling, like any NOGROUP."""
+        """One round. A stream with nothing pending costs four commands (XINFO GROUPS and
+        CONSUMERS, read once and shared by the steps, and an XTRIM): a worker may reap 1,000."""
         s = self.settings
-        groups = await self.client.xinfo_groups(s.stream)
-        self._watch.check(s.stream, s.group, groups, self.log)
+        groups = await self.watch_group()
+        consumers = await self.client.xinfo_consumers(self.name, s.group)
+        await self.adopt_dead_local_consumers(consumers)
+        mine = next((g for g in groups if as_text(g["name"]) == s.group), None)
+        # Nothing pending when the round began: nothing can be idle long enough to reclaim.
+        if mine is None or int(mine["pending"]):
+            await self.reclaim()
+        # Dead local consumers are adoption's: the rest are looked at for idleness.
+        others = [c for c in consumers if dead_local_pid(as_text(c["name"]), self.host) is None]
+        await self.delete_idle_consumers(others)
+        if s.trim:
+            await self.trim(groups)
+
+    async def watch_group(self) -> list[dict[Any, Any]]:
+        """Log an operator's XGROUP SETID (group_watch.py); a missing stream is recreated by
+        the round's error handling, like any NOGROUP. Returns XINFO GROUPS."""
+        s = self.settings
+        groups: list[dict[Any, Any]] = await self.client.xinfo_groups(self.name)
+        self._watch.check(self.name, s.group, groups, self.log)
+        return groups
 
     # --- reclaim ---------------------------------------------------------------------------
 
@@ -135,7 +147,7 @@ class Reaper:
             reply = await command(
                 self.client,
                 "XAUTOCLAIM",
-                s.stream,
+                self.name,
                 s.group,
                 self.stream.consumer,
                 s.claim_min_idle_ms,
@@ -159,7 +171,9 @@ class Reaper:
 
     # --- adopt ----------------------------------------------------------------------------
 
-    async def adopt_dead_local_consumers(self) -> int:
+    async def adopt_dead_local_consumers(
+        self, consumers: list[dict[Any, Any]] | None = None
+    ) -> int:
         """Take over at once what consumers of processes that died on this host held, then
         delete those consumers. Returns how many entries were handled.
 
@@ -170,9 +184,10 @@ class Reaper:
         """
         if self.host is None:
             return 0
-        s = self.settings
         handled = 0
-        for info in await self.client.xinfo_consumers(s.stream, s.group):
+        if consumers is None:
+            consumers = await self.client.xinfo_consumers(self.name, self.settings.group)
+        for info in consumers:
             name = as_text(info["name"])
             if dead_local_pid(name, self.host) is None:
                 continue
@@ -191,13 +206,13 @@ class Reaper:
         handled = 0
         while not self._stopping.is_set():
             rows = await self.client.xpending_range(
-                s.stream, s.group, min="-", max="+", count=s.batch_size, consumername=dead
+                self.name, s.group, min="-", max="+", count=s.batch_size, consumername=dead
             )
             ids = [_raw_id(row["message_id"]) for row in rows]
             if not ids:
                 break
             entries = await command(
-                self.client, "XCLAIM", s.stream, s.group, self.stream.consumer, min_idle, *ids
+                self.client, "XCLAIM", self.name, s.group, self.stream.consumer, min_idle, *ids
             )
             # Entries deleted from the stream meanwhile come back as nothing: drop those.
             entries = [e for e in entries if e is not None and e[1] is not None]
@@ -244,7 +259,7 @@ class Reaper:
         first, last = entries[0][0], entries[-1][0]
         # xpending_range, not a raw XPENDING: redis-py would parse that reply as the summary form.
         rows = await self.client.xpending_range(
-            self.settings.stream,
+            self.name,
             self.settings.group,
             min=first,
             max=last,
@@ -255,11 +270,16 @@ class Reaper:
 
     # --- consumers -------------------------------------------------------------------------
 
-    async def delete_idle_consumers(self) -> list[str]:
-        """Delete consumers idle longer than consumer_idle_delete_ms that own nothing."""
+    async def delete_idle_consumers(
+        self, consumers: list[dict[Any, Any]] | None = None
+    ) -> list[str]:
+        """Delete consumers idle longer than consumer_idle_delete_ms that own nothing (of
+        `consumers`, an XINFO CONSUMERS reply, when given)."""
         s = self.settings
         deleted: list[str] = []
-        for info in await self.client.xinfo_consumers(s.stream, s.group):
+        if consumers is None:
+            consumers = await self.client.xinfo_consumers(self.name, s.group)
+        for info in consumers:
             name = as_text(info["name"])
             if int(info["pending"]) or int(info["idle"]) < s.consumer_idle_delete_ms:
                 continue
@@ -271,20 +291,22 @@ class Reaper:
 
     async def _delete_if_idle(self, consumer: str) -> Any:
         s = self.settings
-        return await DELETE_IF_IDLE.call(self.client, keys=[s.stream], args=[s.group, consumer])
+        return await DELETE_IF_IDLE.call(self.client, keys=[self.name], args=[s.group, consumer])
 
     # --- trim ------------------------------------------------------------------------------
 
-    async def trim(self) -> int:
-        """XTRIM MINID to the oldest entry any group still needs; returns entries removed."""
-        minid = await self.oldest_needed_id()
+    async def trim(self, groups: list[dict[Any, Any]] | None = None) -> int:
+        """XTRIM MINID to the oldest entry any group still needs (by `groups`, an XINFO GROUPS
+        reply of a moment ago, when given: the bound only moves forward); returns entries
+        removed."""
+        minid = await self.oldest_needed_id(groups)
         if minid is None:
             return 0
         # An approximate trim (whole listpack nodes only: cheap) does at most ~10,000 entries of
         # work per call, to keep Redis responsive; repeat until it has caught up with the group.
         removed = 0
         while not self._stopping.is_set():
-            step = int(await self.client.xtrim(self.settings.stream, minid=minid, approximate=True))
+            step = int(await self.client.xtrim(self.name, minid=minid, approximate=True))
             removed += step
             if step == 0:
                 break
@@ -292,18 +314,19 @@ class Reaper:
             self.log.debug("stream_trimmed", removed=removed, minid=minid)
         return removed
 
-    async def oldest_needed_id(self) -> str | None:
+    async def oldest_needed_id(self, groups: list[dict[Any, Any]] | None = None) -> str | None:
         """The lowest ID any group still needs: its oldest pending entry, else the entry after its
         last delivered one. None when the stream has no group (then nothing is known to be done).
         """
-        groups = await self.client.xinfo_groups(self.settings.stream)
+        if groups is None:
+            groups = await self.client.xinfo_groups(self.name)
         if not groups:
             return None
         needed: list[tuple[int, int]] = []
         for group in groups:
             name = as_text(group["name"])
             if int(group["pending"]):
-                summary = await self.client.xpending(self.settings.stream, name)
+                summary = await self.client.xpending(self.name, name)
                 if summary["min"] is None:
                     return None  # acked in between: decide next round, never guess
                 needed.append(id_key(as_text(summary["min"])))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from streamd.backends.redis_acl import Need, database_needs, script_needs
 from streamd.config.settings import Settings
+from streamd.config.tables import is_pattern
 from streamd.pipeline.dead_letters import ACK_AND_DEAD_LETTER
 from streamd.worker.reaper import DELETE_IF_IDLE
 
@@ -50,11 +51,20 @@ def stream_needs(settings: Settings, stream: str, dead_stream: str) -> list[Need
 
 
 def serve_needs(settings: Settings) -> list[Need]:
+    """For each name and pattern of `streams` (a pattern stands for the keys it matches, as an
+    ACL key pattern does), and SCAN to resolve the patterns."""
     unblock = _without_unblock(settings)
+    per_stream = [
+        need
+        for name in settings.stream_names
+        for need in stream_needs(settings, name, settings.dead_stream_for(name))
+    ]
+    patterns = [Need("scan")] if any(is_pattern(n) for n in settings.stream_names) else []
     return [
         Need("ping"),
         *database_needs(settings),
-        *stream_needs(settings, settings.stream, settings.dead_stream),
+        *per_stream,
+        *patterns,
         Need("client|id", effect=unblock),
         Need("client|unblock", effect=unblock),
     ]

@@ -92,8 +92,8 @@ def test_latency_histogram_per_batch_equals_one_observation_per_event() -> None:
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
     counters = samples(generate_latest(bulk).decode())
-    assert counters["streamd_events_ingested_total"] == 10
-    assert counters["streamd_events_duplicate_total"] == 1
+    assert counters['streamd_events_ingested_total{stream="events"}'] == 10
+    assert counters['streamd_events_duplicate_total{stream="events"}'] == 1
     assert counters["streamd_batches_total"] == 1
     assert counters['streamd_dead_letters_total{reason="invalid_json",stream="events"}'] == 1
     assert counters["streamd_batch_duration_seconds_count"] == 1
@@ -126,7 +126,7 @@ def test_serve_exposes_metrics_health_and_readiness(
 
     def ingested() -> dict[str, float] | None:
         page = samples(get(port, "/metrics")[1])
-        return page if page.get("streamd_events_ingested_total") == 300 else None
+        return page if page.get('streamd_events_ingested_total{stream="events"}') == 300 else None
 
     wait_until(ingested, timeout=30)
 
@@ -160,7 +160,7 @@ def test_counts_survive_a_worker_crash_and_restarts_are_counted(
     serve.wait_ready(2)
     url = settings.redis_url
     xadd(url, [event("t", {"i": i}) for i in range(200)])
-    total = "streamd_events_ingested_total"
+    total = 'streamd_events_ingested_total{stream="events"}'
     wait_until(lambda: samples(get(port, "/metrics")[1]).get(total) == 200, timeout=30)
 
     status = read_status_files(settings.resolved_state_dir())[0]

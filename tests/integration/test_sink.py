@@ -13,7 +13,7 @@ from streamd.backends.schema import apply_schema
 from streamd.config.settings import Settings
 from streamd.pipeline import sink as sink_module
 from streamd.pipeline.envelope import PG_EPOCH_MS, Rejection, Row, split_entries
-from streamd.pipeline.sink import PostgresSink
+from streamd.pipeline.sink import Part, PostgresSink
 
 
 @pytest.fixture
@@ -146,3 +146,24 @@ async def test_produced_at_from_ts(
     (record,) = await table(conn, settings)
     assert round(record["produced_at"].timestamp() * 1000) == 1234567890123
     assert PG_EPOCH_MS < 1234567890123
+
+
+async def test_one_write_of_several_streams_keeps_each_rows_stream(
+    conn: asyncpg.Connection, sink: PostgresSink, settings: Settings
+) -> None:
+    """Parts of several streams in one write: the same entry ID in two streams is two rows; a
+    refused row and a replay are attributed to the part they belong to."""
+    a, b = rows_for(b"{}", b"{}", b"{}"), rows_for(b"{}", b"{not json", b"{}")
+    results = await sink.write_parts(conn, [Part("a", a, []), Part("b", b, [])])
+    assert [(r.inserted, len(r.refused)) for r in results] == [(3, 0), (2, 1)]
+    assert results[1].refused[0].entry_id == b"1700000000000-2"
+    got = await table(conn, settings)
+    assert sorted((r["stream"], r["entry_id"]) for r in got) == sorted(
+        [("a", f"1700000000000-{i}") for i in (1, 2, 3)]
+        + [("b", f"1700000000000-{i}") for i in (1, 3)]
+    )
+    letters = await conn.fetch(f"SELECT stream, entry_id FROM {settings.dlq_table}")
+    assert [(r["stream"], r["entry_id"]) for r in letters] == [("b", "1700000000000-2")]
+    more = rows_for(b"{}", start=4)
+    again = await sink.write_parts(conn, [Part("a", a + more, []), Part("c", more, [])])
+    assert [(r.inserted, r.duplicates) for r in again] == [(1, 3), (1, 0)]
