@@ -71,3 +71,21 @@ def drained(url: str, stream: str, group: str = "streamd") -> bool:
         groups = {g["name"].decode(): g for g in r.xinfo_groups(stream)}
     found = groups.get(group)
     return found is not None and found["lag"] == 0 and found["pending"] == 0
+
+
+def fold_streams(
+    entries: Iterable[tuple[str, str, str, dict[str, Any]]],
+) -> dict[str, tuple[str, str, str]]:
+    """(stream, entry_id, type, data) of several streams -> {order_id: (status, stream,
+    entry_id)}: the latest by position, the entry ID's two numbers and then the stream's name."""
+    latest: dict[str, tuple[tuple[int, int, str], str, dict[str, Any], str, str]] = {}
+    for stream, entry_id, event_type, data in entries:
+        key = data["order_id"]
+        position = (*entry_position(entry_id), stream)
+        if key not in latest or latest[key][0] < position:
+            latest[key] = (position, event_type, data, stream, entry_id)
+    return {
+        key: (data["status"], stream, entry_id)
+        for key, (_, event_type, data, stream, entry_id) in latest.items()
+        if event_type != "order_deleted"
+    }
