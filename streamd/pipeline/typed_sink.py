@@ -40,7 +40,7 @@ from streamd.pipeline.envelope import ENTRY_ID, EVENT_TYPE, FIELDS, Rejection, R
 from streamd.pipeline.sink import (
     ROW_ERRORS,
     WriteResult,
-    encode_copy,
+    encode_copy_parts,
     failing_row,
     refusal,
 )
@@ -54,12 +54,22 @@ _pack_ts = struct.Struct(">iq").pack
 _pack_json = struct.Struct(">iB").pack
 
 
-def encode_stage(row_start: bytes, rows: list[Row]) -> memoryview:
-    """The binary COPY stream of rows for the stage: (stream, entry_id, event_type, data,
-    produced_at, meta), data as text (parsed once, by the statement that moves the stage)."""
+def encode_stage(streams: list[tuple[bytes, list[Row]]]) -> memoryview:
+    """The binary COPY stream for the stage of (row start, rows) per stream: (stream, entry_id,
+    event_type, data, produced_at, meta), data as text (parsed once, by the statement that
+    moves the stage)."""
     parts = [_HEADER]
     extend = parts.extend
     types: dict[bytes, bytes] = {}
+    for row_start, rows in streams:
+        _encode_stage_rows(extend, row_start, rows, types)
+    parts.append(b"\xff\xff")
+    return memoryview(b"".join(parts))
+
+
+def _encode_stage_rows(
+    extend: Any, row_start: bytes, rows: list[Row], types: dict[bytes, bytes]
+) -> None:
     for entry_id, event_type, payload, produced_us, meta, _fields in rows:
         type_field = types.get(event_type)
         if type_field is None:
@@ -67,11 +77,9 @@ def encode_stage(row_start: bytes, rows: list[Row]) -> memoryview:
         extend((row_start, _pack_i(len(entry_id)), entry_id, type_field, _pack_i(len(payload))))
         extend((payload, _pack_ts(8, produced_us)))
         if meta is None:
-            parts.append(_NULL)
+            extend((_NULL,))
         else:
             extend((_pack_json(len(meta) + 1, 1), meta))
-    parts.append(b"\xff\xff")
-    return memoryview(b"".join(parts))
 
 
 class StreamPart(Protocol):
@@ -83,6 +91,10 @@ class StreamPart(Protocol):
     def rows(self) -> list[Row]: ...
     @property
     def rejects(self) -> list[Rejection]: ...
+
+
+# One stream's share as the sink works on it: (stream, rows of wanted types, dead letters).
+_Share = tuple[str, list[Row], list[Rejection]]
 
 
 class _RowRefused(Exception):
@@ -132,15 +144,25 @@ class TypedSink:
         self, conn: asyncpg.Connection, parts: Sequence[StreamPart]
     ) -> list[WriteResult]:
         """Commit the rows and dead letters of several streams in one transaction; a result per
-        part. One part (the common case) takes the fast way; several, the careful one each."""
-        if len(parts) == 1:
-            part = parts[0]
-            return [await self.write_for(conn, part.stream, part.rows, part.rejects)]
+        part. Transient errors propagate."""
+        return await self._write_shares(
+            conn, [(p.stream, self._wanted_rows(p.rows), p.rejects) for p in parts]
+        )
+
+    async def _write_shares(
+        self, conn: asyncpg.Connection, shares: list[_Share]
+    ) -> list[WriteResult]:
+        """The fast way for every stream at once (one COPY, one statement), else the careful
+        way, stream by stream, in one transaction."""
+        if any(rows for _, rows, _ in shares):
+            try:
+                if self._direct:
+                    return await self._write_direct(conn, shares)
+                return await self._write_fast(conn, shares)
+            except _RowRefused:
+                pass
         async with transaction(conn):
-            return [
-                await self._careful(conn, p.stream, self._wanted_rows(p.rows), p.rejects)
-                for p in parts
-            ]
+            return [await self._careful(conn, *share) for share in shares]
 
     def _wanted_rows(self, rows: list[Row]) -> list[Row]:
         """Entries whose type the section's `types` leaves out are skipped (acknowledged, not
@@ -150,18 +172,8 @@ class TypedSink:
     async def write_for(
         self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
     ) -> WriteResult:
-        """Commit one stream's rows and dead-letter rows in one transaction. Transient errors
-        propagate."""
-        rows = self._wanted_rows(rows)
-        if rows:
-            try:
-                if self._direct:
-                    return await self._write_direct(conn, stream, rows, rejects)
-                return await self._write_fast(conn, stream, rows, rejects)
-            except _RowRefused:
-                pass
-        async with transaction(conn):
-            return await self._careful(conn, stream, rows, rejects)
+        """Commit one stream's rows and dead-letter rows in one transaction."""
+        return (await self._write_shares(conn, [(stream, self._wanted_rows(rows), rejects)]))[0]
 
     async def _careful(
         self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
@@ -182,22 +194,27 @@ class TypedSink:
         return result
 
     async def _write_direct(
-        self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
-    ) -> WriteResult:
+        self, conn: asyncpg.Connection, shares: list[_Share]
+    ) -> list[WriteResult]:
         """One binary COPY into the table (in autocommit when there is nothing else to write);
         a refusal of any row (a value, a replay) and the careful way takes over."""
-        source = encode_copy(self._row_start(stream), rows)  # jsonb payload, same columns
+        source = encode_copy_parts([(self._row_start(s), rows) for s, rows, _ in shares if rows])
         try:
-            if rejects:
+            if any(rejects for _, _, rejects in shares):
                 async with transaction(conn):
                     await self._copy_into_table(conn, source)
-                    await conn.executemany(self._dlq_insert, dlq.table_rows(stream, rejects))
+                    await self._dead_letters(conn, shares)
             else:
                 async with statement_scope(conn):
                     await self._copy_into_table(conn, source)
         except ROW_ERRORS as exc:
             raise _RowRefused from exc
-        return WriteResult(inserted=len(rows))
+        return [WriteResult(inserted=len(rows)) for _, rows, _ in shares]
+
+    async def _dead_letters(self, conn: asyncpg.Connection, shares: list[_Share]) -> None:
+        for stream, _, rejects in shares:
+            if rejects:
+                await conn.executemany(self._dlq_insert, dlq.table_rows(stream, rejects))
 
     async def _copy_into_table(self, conn: asyncpg.Connection, source: memoryview) -> None:
         await conn.copy_to_table(
@@ -205,21 +222,20 @@ class TypedSink:
         )
 
     async def _write_fast(
-        self, conn: asyncpg.Connection, stream: str, rows: list[Row], rejects: list[Rejection]
-    ) -> WriteResult:
+        self, conn: asyncpg.Connection, shares: list[_Share]
+    ) -> list[WriteResult]:
         """One try in as few round trips as it takes: BEGIN with the stage's CREATE (and the
         SET LOCALs a pooler needs, as transaction() sends them), the COPY, and an append's
         INSERT with COMMIT (a plain INSERT takes every row or none: no count to read)."""
         setup = getattr(conn, "transaction_setup", "")
         await conn.execute(f"BEGIN; {setup + '; ' if setup else ''}{typed_sql.STAGE_CREATE}")
         try:
-            await self._copy(conn, stream, rows)
-            if rejects:
-                await conn.executemany(self._dlq_insert, dlq.table_rows(stream, rejects))
+            await self._copy(conn, [(s, rows) for s, rows, _ in shares if rows])
+            await self._dead_letters(conn, shares)
             if not self._upsert:
                 await conn.execute(f"{self._fast_sql}; COMMIT")
-                return WriteResult(inserted=len(rows))
-            changed = await self._move(conn, None)
+                return [WriteResult(inserted=len(rows)) for _, rows, _ in shares]
+            changed = await self._move_counts(conn, None)
             await conn.execute("COMMIT")
         except asyncpg.PostgresError as exc:
             # Refused by the server, the session still in step: end the transaction. (Cut off
@@ -229,25 +245,33 @@ class TypedSink:
             if isinstance(exc, ROW_ERRORS):
                 raise _RowRefused from exc
             raise
-        return WriteResult(inserted=changed, duplicates=len(rows) - changed)
+        return [
+            WriteResult(inserted=changed.get(s, 0), duplicates=len(rows) - changed.get(s, 0))
+            for s, rows, _ in shares
+        ]
 
-    async def _copy(self, conn: asyncpg.Connection, stream: str, rows: list[Row]) -> None:
+    async def _copy(self, conn: asyncpg.Connection, streams: list[tuple[str, list[Row]]]) -> None:
         await conn.copy_to_table(
             typed_sql.STAGE,
-            source=encode_stage(self._row_start(stream), rows),
+            source=encode_stage([(self._row_start(s), rows) for s, rows in streams]),
             columns=typed_sql.STAGE_COLUMNS,
             format="binary",
         )
 
     async def _move(self, conn: asyncpg.Connection, only: str | None) -> int:
         """Move the stage (or one entry of it) into the table; how many entries changed it."""
-        if self._lock_key:
-            await conn.execute(_LOCK, self._lock_key)
         if not self._upsert:
             status = await conn.execute(self._move_sql, only)
             return int(status.rsplit(" ", 1)[-1])
-        counts = await conn.fetchrow(self._move_sql, self._deletes, only)
-        return int(counts["upserted"]) + int(counts["deleted"])
+        return sum((await self._move_counts(conn, only)).values())
+
+    async def _move_counts(self, conn: asyncpg.Connection, only: str | None) -> dict[str, int]:
+        """Upsert the stage (or one entry of it): per stream, how many entries changed the
+        table (upserted a row, or deleted one with its tombstone)."""
+        if self._lock_key:
+            await conn.execute(_LOCK, self._lock_key)
+        counts = await conn.fetch(self._move_sql, self._deletes, only)
+        return {r["stream"]: int(r["changed"]) for r in counts}
 
     async def _stage_isolating(
         self,
@@ -261,7 +285,7 @@ class TypedSink:
         while rows:
             try:
                 async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
-                    await self._copy(conn, stream, rows)
+                    await self._copy(conn, [(stream, rows)])
             except ROW_ERRORS as exc:
                 if len(rows) == 1:
                     result.refused.append(refusal(rows[0], exc))

@@ -82,7 +82,8 @@ def append_sql(spec: TableSpec, *, replay_safe: bool = True) -> str:
 def upsert_sql(spec: TableSpec) -> str:
     """Upsert: the batch folded to its latest entry per key, then one statement for the rows
     that change (each only where its position is newer than the row's, or the tombstone's).
-    Returns one row: (upserted, deleted), the entries that changed the table."""
+    Returns a row (stream, changed) per stream whose entries changed the table (upserted a row,
+    or deleted one with its tombstone)."""
     table = quote_ident(spec.name)
     key = list(spec.key)
     declared = [c.name for c in spec.columns]
@@ -110,7 +111,7 @@ def upsert_sql(spec: TableSpec) -> str:
     newer = f"{_position('r')} < {_position('EXCLUDED')}"
     ctes = [f"b AS MATERIALIZED ({latest})"]
     put_where = "NOT b.streamd_delete"
-    counts = ["(SELECT count(*) FROM put)", "0"]
+    changed = ["SELECT stream FROM put"]
     if spec.delete_types:
         tombs = quote_ident(tombstone_table(spec))
         tomb_cols = [*key, "stream", "entry_id", "entry_ms", "entry_seq"]
@@ -121,7 +122,7 @@ def upsert_sql(spec: TableSpec) -> str:
             f"tomb AS (INSERT INTO {tombs} AS r ({_names(tomb_cols)})"
             f" SELECT {_names(tomb_cols, 'b.')} FROM b WHERE b.streamd_delete"
             f" ON CONFLICT ({_names(key)}) DO UPDATE SET {tomb_updates}, deleted_at = now()"
-            f" WHERE {newer} RETURNING 1)"
+            f" WHERE {newer} RETURNING r.stream)"
         )
         ctes.append(
             f"gone AS (DELETE FROM {table} r USING b WHERE b.streamd_delete AND {on_key}"
@@ -131,14 +132,17 @@ def upsert_sql(spec: TableSpec) -> str:
             f" AND NOT EXISTS (SELECT 1 FROM {tombs} r WHERE {on_key}"
             f" AND {_position('r')} >= {_position('b')})"
         )
-        counts[1] = "(SELECT count(*) FROM tomb)"
+        changed.append("SELECT stream FROM tomb")
     ctes.append(
         f"put AS (INSERT INTO {table} AS r ({_names(row_columns)})"
         f" SELECT {_names(row_columns, 'b.')} FROM b WHERE {put_where}"
         f" ON CONFLICT ({_names(key)}) DO UPDATE SET {updates}, ingested_at = now()"
-        f" WHERE {newer} RETURNING 1)"
+        f" WHERE {newer} RETURNING r.stream)"
     )
-    return f"WITH {', '.join(ctes)} SELECT {counts[0]} AS upserted, {counts[1]} AS deleted"
+    return (
+        f"WITH {', '.join(ctes)} SELECT stream, count(*) AS changed"
+        f" FROM ({' UNION ALL '.join(changed)}) c GROUP BY stream"
+    )
 
 
 def check_function(spec: TableSpec) -> tuple[str, str]:

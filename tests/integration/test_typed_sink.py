@@ -318,3 +318,28 @@ async def test_parts_of_several_streams_commit_together_with_a_result_each(
     assert [tuple(r) for r in letters] == expected
     again = await sink.write_parts(conn, parts)  # a replay of both
     assert [r.inserted for r in again] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "section",
+    [ORDERS, {"streams": ["orders"], "columns": {"order_id": "text", "status": "text"}}],
+    ids=["upsert", "append-generated"],
+)
+async def test_parts_of_several_streams_take_the_fast_way_together(
+    make_sink: Callable[..., Any], section: dict[str, Any]
+) -> None:
+    sink, conn, _ = await make_sink(**section)
+    a = rows_of(order(1, "o1", "a1"), order(2, "o2", "a2"), order(3, "o1", "a3"))
+    b = rows_of(order(1, "o3", "b1"))
+    results = await sink.write_parts(conn, [Part("sa", a, []), Part("sb", b, [])])
+    if section is ORDERS:  # o1 twice in sa: the last one; per stream, what changed the table
+        assert [(r.inserted, r.duplicates) for r in results] == [(2, 1), (1, 0)]
+        assert {k: v[0] for k, v in (await state(conn)).items()} == {
+            "o1": "a3",
+            "o2": "a2",
+            "o3": "b1",
+        }
+    else:
+        assert [(r.inserted, r.duplicates) for r in results] == [(3, 0), (1, 0)]
+        by_stream = await conn.fetch("SELECT stream, count(*) FROM t GROUP BY 1 ORDER BY 1")
+        assert [tuple(r) for r in by_stream] == [("sa", 3), ("sb", 1)]
