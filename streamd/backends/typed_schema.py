@@ -261,3 +261,32 @@ async def _ensure_tombstones(
         " entry_seq numeric(20,0) NOT NULL, deleted_at timestamptz NOT NULL DEFAULT now(),"
         f" CONSTRAINT {quote_ident(name + '_pkey')} PRIMARY KEY ({key}))"
     )
+
+
+async def typed_privilege_problems(conn: asyncpg.Connection, settings: Settings) -> list[str]:
+    """What `serve`'s role lacks on typed tables, as grant-like phrases: INSERT and SELECT;
+    an upsert table's UPDATE (ON CONFLICT DO UPDATE) and DELETE (delete_types), and its
+    tombstones' INSERT, SELECT and UPDATE. (grants.py checks the events tables.)"""
+    missing: list[str] = []
+    for spec in settings.tables:
+        if not spec.typed:
+            continue
+        needs = {spec.name: ["INSERT", "SELECT"]}
+        if spec.mode == "upsert":
+            needs[spec.name] += ["UPDATE", "DELETE"] if spec.delete_types else ["UPDATE"]
+        if spec.delete_types:
+            needs[tombstone_table(spec)] = ["INSERT", "SELECT", "UPDATE"]
+        for table, privileges in needs.items():
+            found = await conn.fetchval(_PRIVILEGES, quote_ident(table), privileges)
+            if found is None:
+                missing.append(f"table {table} (not found)")
+            elif found:
+                missing.append(f"{', '.join(found)} on table {table}")
+    return missing
+
+
+_PRIVILEGES = """
+SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE coalesce(
+  (SELECT array_agg(p ORDER BY n) FROM unnest($2::text[]) WITH ORDINALITY AS u(p, n)
+   WHERE NOT has_table_privilege(to_regclass($1), p)), '{}') END
+"""

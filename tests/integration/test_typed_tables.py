@@ -154,3 +154,31 @@ def test_a_generated_column_added_later_is_computed_for_the_rows_already_there(
     pg_execute(dsn, "DELETE FROM clicks WHERE entry_id = '1-1'")
     assert db_init(env, config, later)[0] == 0
     assert [tuple(r) for r in pg_fetch(dsn, "SELECT page, ms FROM clicks")] == [("/a", 5)]
+
+
+def test_serve_as_a_role_that_cannot_update_the_upsert_table_is_exit_78(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The least-privilege grants (INSERT and SELECT) are not enough for an upsert table with
+    deletes: serve says what is missing at start instead of retrying its first batch forever."""
+    dsn, config = env["STREAMD_POSTGRES_DSN"], tmp_path / "c.toml"
+    assert db_init(env, config, f'stream = "orders"\n{ORDERS_TOML}')[0] == 0
+    database = dsn.rsplit("/", 1)[1]
+    role = f"ingest_{database}"
+    for sql in (
+        f'CREATE ROLE "{role}" LOGIN',
+        f'GRANT USAGE ON SCHEMA public TO "{role}"',
+        f'GRANT INSERT, SELECT ON ALL TABLES IN SCHEMA public TO "{role}"',
+        f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"',
+    ):
+        pg_execute(dsn, sql)
+    environ = env | {
+        "STREAMD_CONFIG": str(config),
+        "STREAMD_POSTGRES_DSN": dsn.replace("postgres@", f"{role}@"),
+    }
+    result = run_streamd(environ, "serve")
+    assert result.returncode == 78, explain(result)
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"role {role} lacks what streamd needs" in line
+    assert "UPDATE, DELETE on table orders" in line
+    assert "UPDATE on table orders_tombstones" in line
