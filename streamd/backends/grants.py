@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from streamd.backends.typed_schema import typed_privilege_problems
 from streamd.config.settings import Settings
 
 # One round trip. Unqualified names resolve through search_path, as the sink's statements do.
@@ -47,6 +48,7 @@ async def privilege_problem(conn: asyncpg.Connection, settings: Settings) -> str
     for table in settings.table_names:  # each events table, with the one dead-letter table
         row = await conn.fetchrow(_CHECK, table, settings.dlq_table)
         missing += [m for m in _missing(row, table, settings.dlq_table) if m not in missing]
+    missing += await typed_privilege_problems(conn, settings)
     if not missing:
         return None
     return (

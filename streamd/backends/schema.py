@@ -9,6 +9,7 @@ import asyncpg
 
 from streamd.backends.connections import transaction
 from streamd.backends.layout import check_dlq_table, ensure_events_table
+from streamd.backends.typed_schema import apply_typed_schema
 from streamd.config.settings import Settings
 
 
@@ -39,3 +40,4 @@ async def apply_schema(conn: asyncpg.Connection, settings: Settings) -> None:
     async with transaction(conn):
         await conn.execute("SELECT set_config('streamd.dlq_table', $1, true)", settings.dlq_table)
         await conn.execute(init_sql())
+        await apply_typed_schema(conn, settings)  # [tables.<name>] sections with columns

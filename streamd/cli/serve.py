@@ -124,7 +124,7 @@ def db() -> None:
 @db.command("init")
 @click.pass_context
 def db_init(ctx: click.Context) -> None:
-    """Create or upgrade the events and dead-letter tables (idempotent).
+    """Create or upgrade the events and dead-letter tables, and typed tables (idempotent).
 
     Examples:
 
@@ -137,7 +137,8 @@ def db_init(ctx: click.Context) -> None:
     def body() -> None:
         settings = configured(ctx)
         asyncio.run(check_postgres(settings))
-        tables = ", ".join((*settings.table_names, settings.dlq_table))
+        typed = [t.name for t in settings.tables if t.typed]
+        tables = ", ".join((*settings.table_names, *typed, settings.dlq_table))
         click.echo(f"schema ready: tables {tables}")
 
     run(body)

@@ -252,8 +252,10 @@ class Settings:
 
     @property
     def table_names(self) -> tuple[str, ...]:
-        """Every events table serve may write: events_table, then each [tables.<name>]."""
-        return tuple(dict.fromkeys((self.events_table, *(t.name for t in self.tables))))
+        """Every events table serve may write: events_table, then each [tables.<name>] (but
+        typed ones, whose sections declare columns: backends/typed_schema.py makes those)."""
+        names = (t.name for t in self.tables if not t.typed)
+        return tuple(dict.fromkeys((self.events_table, *names)))
 
     def resolved_state_dir(self) -> Path:
         if self.state_dir:

@@ -29,9 +29,11 @@ STREAM_PATTERN = re.compile(r"[A-Za-z0-9_:{}.\-*?\[\]^!]{1,200}")
 # Postgres types a column may be declared with: plain names, a length or precision, an array.
 PG_TYPE = re.compile(r"[a-z][a-z0-9_]*( [a-z][a-z0-9_]*)*(\(\d+(, ?\d+)?\))?(\[\])?")
 JSON_PATH = re.compile(r"\$(\.[A-Za-z_][A-Za-z0-9_]*)+")
-# The envelope columns every table has: a declared column may not take one of these names.
+# The envelope columns every table has (and an upsert table's position, entry_ms and entry_seq):
+# a declared column may not take one of these names.
 ENVELOPE_COLUMNS = frozenset(
     {"id", "stream", "entry_id", "event_type", "payload", "produced_at", "ingested_at", "meta"}
+    | {"entry_ms", "entry_seq", "streamd_delete"}
 )
 SECTION_KEYS = ("streams", "columns", "mode", "key", "types", "delete_types", "keep_payload")
 

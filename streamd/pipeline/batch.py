@@ -21,7 +21,8 @@ from streamd.common.backoff import Backoff
 from streamd.config.settings import Settings
 from streamd.pipeline.envelope import ENTRY_ID, PRODUCED_US, RawEntry, Rejection, Row, split_entries
 from streamd.pipeline.retry import retry_transient
-from streamd.pipeline.sink import Part, PostgresSink, WriteResult
+from streamd.pipeline.sink import Part, WriteResult
+from streamd.pipeline.sinks import Sink
 from streamd.pipeline.streams import GroupStream, ack_all
 
 
@@ -62,7 +63,7 @@ class BatchWriter:
         self,
         settings: Settings,
         pool: asyncpg.Pool,
-        sink: PostgresSink,
+        sink: Sink,
         observer: BatchObserver | None = None,
     ) -> None:
         self.settings = settings

@@ -48,6 +48,7 @@ DEAD_LETTER_REASONS: Final = (
     "invalid_encoding",
     "too_deeply_nested",
     "rejected_by_postgres",
+    "invalid_column",
     "poison",
     "deleted",
 )

@@ -7,7 +7,7 @@ import asyncpg
 
 from streamd.config.settings import Settings
 from streamd.pipeline.batch import BatchObserver, BatchWriter
-from streamd.pipeline.sink import PostgresSink
+from streamd.pipeline.sinks import sink_for_table
 
 # Streams come and go with patterns: the per-stream lookup is a cache, dropped when this large.
 _CACHE_MAX = 4096
@@ -18,11 +18,11 @@ class Routes:
         self, settings: Settings, pool: asyncpg.Pool, observer: BatchObserver | None = None
     ) -> None:
         self.settings = settings
+        # The events tables, then the typed ones (their sections declare columns).
+        tables = (*settings.table_names, *(t.name for t in settings.tables if t.typed))
         self._writers = {
-            table: BatchWriter(
-                settings, pool, PostgresSink(settings.stream, table, settings.dlq_table), observer
-            )
-            for table in settings.table_names
+            table: BatchWriter(settings, pool, sink_for_table(settings, table), observer)
+            for table in tables
         }
         self._by_stream: dict[str, BatchWriter] = {}
 

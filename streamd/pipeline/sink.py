@@ -352,3 +352,8 @@ def _table_changed(exc: BaseException) -> bool:
         "entry_ms",
         "entry_seq",
     )
+
+
+# The typed tables' sink (typed_sink.py) isolates the rows Postgres refuses the same way.
+failing_row = _failing_row
+refusal = _refusal
