@@ -188,7 +188,8 @@ def _serve_latency(snap: Snapshot) -> list[str]:
 
     return [
         f"  Latency (produced -> commit, serve's histogram, {lat.window}): "
-        f"p50 {bound(lat.p50_ms)}  p99 {bound(lat.p99_ms)}"
+        f"p50 {bound(lat.p50_ms)}  p99 {bound(lat.p99_ms)}",
+        f"  Write retries (faults a batch waited out, {lat.window}): {lat.write_retries}",
     ]
 
 

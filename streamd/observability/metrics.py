@@ -125,6 +125,11 @@ class WorkerMetrics:
         self._streams: set[str] = set()
         for stream in streams:
             self._add_stream(stream)
+        self.retries = Counter(
+            "streamd_write_retries",
+            "Transient faults (Postgres or Redis) a batch's write and acknowledgement waited out.",
+            registry=registry,
+        )
         self.batch_seconds = Histogram(
             "streamd_batch_duration_seconds",
             "One batch from parsing to acknowledgement, including retries.",
@@ -165,6 +170,8 @@ class WorkerMetrics:
         if not report.leads:  # another stream's share of a batch already counted
             return
         self.batches.inc()
+        if report.retries:
+            self.retries.inc(report.retries)
         self.batch_seconds.observe(report.total_s)
         self.write_seconds.observe(report.write_s)
         if report.produced_us and report.committed_at:

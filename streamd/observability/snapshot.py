@@ -132,13 +132,15 @@ class ServeLatency:
     p50_ms: float | None
     p99_ms: float | None
     window: str  # "last interval" or "since start"
+    write_retries: int = 0  # faults the batches' writes and acks waited out, in the same window
 
     def to_json(self) -> dict[str, Any]:
         def finite(value: float | None) -> float | None:
             return None if value is None or math.isinf(value) else value
 
         return {"p50_at_most": finite(self.p50_ms), "p99_at_most": finite(self.p99_ms)} | {
-            "window": self.window
+            "window": self.window,
+            "write_retries": self.write_retries,
         }
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import asyncpg
 import orjson
 import pytest
 
@@ -254,3 +255,43 @@ def test_monitor_reads_serves_latency_histogram(
     assert "Latency (produced -> commit, serve's histogram, last interval): p50 <= " in render(busy)
     result = run_streamd(environ, "monitor", "--once", "--json")
     assert orjson.loads(result.stdout)["serve_latency_ms"]["window"] == "since start"
+
+
+def test_monitor_counts_the_write_retries_serve_waited_out(
+    env: dict[str, str], settings: Settings, start_serve: Callable[..., ServeProcess]
+) -> None:
+    """A table lock longer than the statement timeout makes serve's writes time out and retry;
+    the monitor reads the retries from serve's own metrics files, per interval."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environ = {**env, "STREAMD_METRICS_PORT": str(port), "STREAMD_POSTGRES_TIMEOUT_S": "0.5"}
+    serve = start_serve(environ=environ)
+    serve.wait_ready(1)
+    url, dsn = settings.redis_url, settings.postgres_dsn
+    xadd(url, [event("t", {"i": i}) for i in range(100)])
+    wait_until(lambda: count_rows(dsn, missing_ok=True) == 100, timeout=30)
+
+    async def frames() -> tuple[Snapshot, Snapshot]:
+        async with Monitor(settings) as m:
+            calm = await m.snapshot()
+            locker = await asyncpg.connect(dsn)
+            try:
+                async with locker.transaction():
+                    await locker.execute(f'LOCK TABLE "{settings.events_table}"')
+                    await asyncio.to_thread(xadd, url, [event("t", {"i": i}) for i in range(50)])
+                    await asyncio.to_thread(wait_until, lambda: serve.events("write_retrying"), 30)
+            finally:
+                await locker.close()
+            await asyncio.to_thread(wait_until, lambda: count_rows(dsn) == 150, 30)
+            return calm, await m.snapshot()
+
+    calm, retried = asyncio.run(frames())
+    assert calm.serve_latency is not None and calm.serve_latency.write_retries == 0
+    assert retried.serve_latency is not None and retried.serve_latency.window == "last interval"
+    assert retried.serve_latency.write_retries >= 1
+    retries = retried.serve_latency.write_retries
+    shown = f"Write retries (faults a batch waited out, last interval): {retries}"
+    assert shown in render(retried)
+    result = run_streamd(environ, "monitor", "--once", "--json")
+    assert orjson.loads(result.stdout)["serve_latency_ms"]["write_retries"] >= 1

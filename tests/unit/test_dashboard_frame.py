@@ -141,12 +141,14 @@ def test_serve_latency_percentiles_are_bucket_bounds() -> None:
     assert quantile_ms(interval, 1.0) == math.inf
     assert quantile_ms(difference(before, before), 0.5) is None
     snap = snapshot([view("orders")], types=1)
-    snap.serve_latency = ServeLatency(25.0, math.inf, "last interval")
+    snap.serve_latency = ServeLatency(25.0, math.inf, "last interval", write_retries=4)
     frame = render(snap)
     fits(frame)
     assert "serve's histogram, last interval): p50 <= 25 ms  p99 > 300 s" in frame
+    assert "Write retries (faults a batch waited out, last interval): 4" in frame
     assert snap.to_json()["serve_latency_ms"] == {
         "p50_at_most": 25.0,
         "p99_at_most": None,
         "window": "last interval",
+        "write_retries": 4,
     }
