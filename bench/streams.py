@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 
 from bench.run import ROOT, CpuSample, Lab, sample_payloads, say, stop, tree_cpu
 from streamd.client.producer import Producer
+from streamd.config.settings import Settings
 
 
 def start_serve(lab: Lab, tag: str, **env: str) -> subprocess.Popen[bytes]:
@@ -166,12 +167,22 @@ async def latency(dsn: str, run: str, expected: int, timeout_s: float = 60) -> t
 
 
 def ready(lab: Lab, proc: subprocess.Popen[bytes], streams: Sequence[str]) -> None:
-    """Every stream has its group: serve found them all."""
-    while progress(lab, streams)[2] < len(streams):
+    """Every stream has its group and every consumer task of serve is blocked in its first
+    XREADGROUP: what is sent from now on measures the pipeline, not serve's start."""
+    tasks = Settings().tasks  # the bench runs serve with the defaults
+    while True:
+        workers = len(psutil.Process(proc.pid).children())
+        with redis.Redis.from_url(lab.redis_url) as r:
+            blocked = sum(
+                1
+                for c in r.client_list()
+                if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+            )
+        if progress(lab, streams)[2] == len(streams) and workers and blocked >= workers * tasks:
+            return
         if proc.poll() is not None:
             raise SystemExit(f"serve exited early; see {lab.logs}")
         time.sleep(0.05)
-    time.sleep(1.0)  # consumers connected and blocking
 
 
 def spread(lab: Lab, rate: int, duration: float, n: int) -> tuple[float, float, int]:
