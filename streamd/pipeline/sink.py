@@ -20,9 +20,10 @@ exists is never refused, nor taken for a bad row.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -39,6 +40,8 @@ _HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
 _STAGE = "streamd_stage"
+# Rows encoded between two yields to the event loop (encode_copy_chunks): about a millisecond.
+COPY_SLICE = 256
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
 
 # Errors about the rows themselves: bad values (22), constraint violations other than the unique
@@ -73,6 +76,28 @@ def encode_copy_parts(parts: list[tuple[bytes, list[Row]]], with_ids: bool = Fal
         _encode_rows(out, row_start, rows, with_ids)
     out.append(_TRAILER)
     return memoryview(b"".join(out))
+
+
+async def encode_copy_chunks(
+    parts: list[tuple[bytes, list[Row]]], with_ids: bool = False
+) -> AsyncIterator[bytes]:
+    """The stream of encode_copy_parts, made and sent COPY_SLICE rows at a time, yielding to the
+    event loop in between: a big batch being encoded never holds up the worker's other consumers
+    (the quiet lane, worker/backlogs.py) for more than a slice."""
+    out = [_HEADER]
+    pending = 0  # rows encoded since the last yield
+    for row_start, rows in parts:
+        for i in range(0, len(rows), COPY_SLICE):
+            piece = rows[i : i + COPY_SLICE]
+            _encode_rows(out, row_start, piece, with_ids)
+            pending += len(piece)
+            if pending >= COPY_SLICE:
+                yield b"".join(out)
+                out.clear()
+                pending = 0
+                await asyncio.sleep(0)
+    out.append(_TRAILER)
+    yield b"".join(out)
 
 
 def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row], with_ids: bool) -> None:
@@ -284,7 +309,7 @@ class PostgresSink:
                 return
 
     async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> None:
-        source = encode_copy_parts(
+        source = encode_copy_chunks(
             [(self._row_start(p.stream), p.rows) for p in parts if p.rows], self._layout == "ids"
         )
         await conn.copy_to_table(
