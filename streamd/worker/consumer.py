@@ -9,6 +9,9 @@ first entry, or as soon as a read comes back short (the stream is drained), so l
 is one round trip, not the timeout. The task reads again only after its batch is committed and
 acknowledged: memory is bounded by tasks x batch_size, and while Postgres is down the task holds
 one batch and retries it, reading nothing more.
+
+With several streams, one consumer of each worker is its quiet lane (worker/backlogs.py): it keeps
+to the streams without a backlog, in small batches, and reads on while its last one is written.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from streamd.pipeline.batch import BatchReport, BatchWriter, InPart
 from streamd.pipeline.reader import GroupReader, StreamEntries
 from streamd.pipeline.retry import log_fault
 from streamd.pipeline.routes import Routes
+from streamd.worker.backlogs import Backlogs
 from streamd.worker.group_watch import GroupWatch
+
+# Entries the quiet lane (worker/backlogs.py) takes per batch, at most.
+LANE_BATCH = 200
+# Batches the lane may have being written at once (each over a connection of the pool).
+LANE_FLUSHES = 2
 
 
 class Streams(Protocol):
@@ -46,13 +55,23 @@ class Consumer:
         streams: Streams,
         routes: Routes,
         watch: GroupWatch | None = None,
+        backlogs: Backlogs | None = None,
+        *,
+        lane: bool = False,
     ) -> None:
+        """lane: this is the worker's quiet lane (worker/backlogs.py): while some streams have a
+        backlog and others not, it reads only the others."""
         self.settings = settings
         self.reader = reader
         self.streams = streams
         self.routes = routes
         # The worker's, shared with its reapers: what `>` delivered tells an XGROUP SETID back.
         self.watch = watch if watch is not None else GroupWatch()
+        # The worker's, shared by its consumers: which streams last answered a full reply.
+        self.backlogs = backlogs if backlogs is not None else Backlogs()
+        self.lane = lane
+        self.batch_size = settings.batch_size
+        self._lane_writes: list[asyncio.Task[None]] = []
         self.log = get_logger(consumer=reader.consumer)
         self._stopping = asyncio.Event()
         self._refreshes_seen = -1
@@ -75,9 +94,24 @@ class Consumer:
         return self._stopping.is_set()
 
     async def run(self) -> None:
-        backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
+        try:
+            await self._run()
+        finally:
+            for write in self._lane_writes:  # cancelled or failed: take the others down with it
+                write.cancel()
+
+    async def _run(self) -> None:
+        s = self.settings
+        backoff = Backoff(s.retry_initial_s, s.retry_max_s)
         while not self.stopping:
-            names = self._current()
+            names = every = self._current()
+            if self.lane:
+                names = tuple(self.backlogs.lane_streams(every))
+                # Among several streams, the lane's batches stay small until it knows which have
+                # a backlog (a full reply), and then while it keeps to the others: it never holds
+                # a quiet entry behind a big write of its own.
+                small = len(every) > 1 and (len(names) < len(every) or not self.backlogs.seen)
+                self.batch_size = min(s.batch_size, LANE_BATCH) if small else s.batch_size
             if not names:  # nothing to read yet (a pattern that matches nothing)
                 await wait_event(self._stopping, min(1.0, self.settings.discover_interval_s))
                 continue
@@ -88,14 +122,35 @@ class Consumer:
                     raise
                 continue
             backoff.reset()
-            if got:
+            if got and self.lane and len(names) < len(every):
+                await self._lane_flush(got, backlog)
+            elif got:
                 await self._flush(got, backlog)
+        await self._lane_settle(0)
+
+    async def _lane_flush(self, got: list[StreamEntries], backlog: set[str]) -> None:
+        """The quiet lane reads on while its last batch is written (LANE_FLUSHES at most in
+        flight): an entry that comes meanwhile is read at once, not after that write."""
+        flush = asyncio.create_task(self._flush(got, backlog), name="lane-flush")
+        self._lane_writes.append(flush)
+        await self._lane_settle(LANE_FLUSHES - 1)
+
+    async def _lane_settle(self, keep: int) -> None:
+        """Await the lane's writes until at most `keep` are in flight; a finished one's error is
+        raised here (as a consumer's own write's would be)."""
+        writes = self._lane_writes
+        while len(writes) > keep or (writes and writes[0].done()):
+            try:
+                await writes[0]
+            finally:
+                writes.pop(0)
 
     def _current(self) -> tuple[str, ...]:
         names = self.streams.streams
         if self.streams.refreshes != self._refreshes_seen:
             self._refreshes_seen = self.streams.refreshes
             self.reader.keep_only(names)
+            self.backlogs.keep_only(names)
         return names
 
     async def _flush(self, got: list[StreamEntries], backlog: set[str]) -> None:
@@ -145,7 +200,7 @@ class Consumer:
         """
         s = self.settings
         if self._check_own_pending:
-            count = max(1, s.batch_size // len(names))
+            count = max(1, self.batch_size // len(names))
             own = await self.reader.read(names, count, None, own_pending=True)
             if own:
                 self.log.info("own_pending_recovered", count=sum(len(e) for _, e in own))
@@ -155,11 +210,12 @@ class Consumer:
         total = 0
         deadline = 0.0
         asking: tuple[str, ...] | list[str] = names
-        while total < s.batch_size and not self.stopping:
-            count = max(1, min(s.read_count, (s.batch_size - total) // len(asking)))
+        while total < self.batch_size and not self.stopping:
+            count = max(1, min(s.read_count, (self.batch_size - total) // len(asking)))
             sent = self.watch.replies
             got = await self.reader.read(asking, count, None if held else s.block_ms)
             if not got:
+                self.backlogs.saw(asking, ())
                 break
             if not held:
                 deadline = time.monotonic() + s.batch_timeout_s
@@ -171,7 +227,9 @@ class Consumer:
                 else:
                     before[1].extend(entries)
                 total += len(entries)
-            asking = [stream.stream for stream, entries in got if len(entries) >= count]
+            full = [stream.stream for stream, entries in got if len(entries) >= count]
+            self.backlogs.saw(asking, full)
+            asking = full
             if not asking or time.monotonic() >= deadline:
                 break  # drained, or the batch is old enough: flush now
         return list(held.values()), set(asking) if held else set()

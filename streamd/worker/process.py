@@ -40,6 +40,7 @@ from streamd.pipeline.batch import BatchObserver, BatchReport
 from streamd.pipeline.reader import GroupReader
 from streamd.pipeline.retry import log_fault
 from streamd.pipeline.routes import Routes
+from streamd.worker.backlogs import Backlogs
 from streamd.worker.consumer import Consumer
 from streamd.worker.group_watch import GroupWatch
 from streamd.worker.liveness import Liveness, worker_prefix
@@ -125,7 +126,8 @@ class Worker:
         # Redis answered: decide redis_cluster = auto now, and with it the dead streams' names.
         self.settings = s = resolve_cluster(s)
         await self._check_shards()
-        pool = await postgres_pool(s, size=s.tasks + 1)
+        # A connection per consumer, one for the reaper, one for the quiet lane's second write.
+        pool = await postgres_pool(s, size=s.tasks + 2)
         control = redis_client(s, max_connections=s.tasks + 8)
         # Consumers read over connections of their own made from this client's settings; its
         # socket timeout covers a blocked XREADGROUP (block_ms) on top of redis_timeout_s. Each
@@ -153,9 +155,13 @@ class Worker:
             # Not among `tasks`: it runs until the drain is over, not until the drain starts.
             self._liveness_task = asyncio.create_task(self.liveness.run(), name="liveness")
             watch = GroupWatch()  # what the consumers delivered, for the reapers' looks
+            backlogs = Backlogs()  # which streams have a backlog, for the quiet lane
             for i in range(s.tasks):
                 readers.append(self._reader(read_client, f"{prefix}:{i}", stream_set))
-                self.consumers.append(Consumer(s, readers[-1], stream_set, routes, watch))
+                # With two tasks or more, the first is the quiet lane (worker/backlogs.py).
+                lane = i == 0 and s.tasks > 1
+                consumer = Consumer(s, readers[-1], stream_set, routes, watch, backlogs, lane=lane)
+                self.consumers.append(consumer)
             readers.append(self._reader(control, f"{prefix}:reaper", stream_set))
             self.reaper = Reapers(
                 s, control, readers[-1], stream_set, routes, self.liveness, watch=watch
