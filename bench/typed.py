@@ -14,7 +14,9 @@ Reported: median events/s and its ratio to jsonb append (targets: typed append >
 upserts >= 0.5x); and, steadier on a busy machine, the CPU each event costs (Postgres' processes
 and this one's), as jsonb append's CPU over the contender's: the throughput ratio when CPU
 bounds both. Private PostgreSQL under bench/.work (fsync on), unless --postgres-dsn (then
-without Postgres' CPU).
+without Postgres' CPU). --commit-delay-ms N makes each WAL flush of the private server take N ms
+longer (commit_delay, on every commit): a slow or busy disk, where waiting for flushes, not CPU,
+bounds the upserts of hot keys.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ async def one_run(
 
 
 @contextlib.contextmanager
-def postgres(dsn: str | None) -> Iterator[tuple[str, int | None]]:
+def postgres(dsn: str | None, commit_delay_ms: float = 0) -> Iterator[tuple[str, int | None]]:
     if dsn:
         yield dsn, None
         return
@@ -133,7 +135,13 @@ def postgres(dsn: str | None) -> Iterator[tuple[str, int | None]]:
     template = WORK / "pg-template"
     if not template.exists():
         initdb(template)
-    server = PostgresServer(WORK / "pg-typed", template=template, fsync=True)
+    slow_disk = {"commit_delay": str(int(commit_delay_ms * 1000)), "commit_siblings": "0"}
+    server = PostgresServer(
+        WORK / "pg-typed",
+        template=template,
+        fsync=True,
+        settings=slow_disk if commit_delay_ms else {},
+    )
     try:
         started = server.start()
         yield started.dsn, started.pid
@@ -148,6 +156,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--postgres-dsn", default=None, help="an outside server (data is wiped)")
+    parser.add_argument(
+        "--commit-delay-ms", type=float, default=0, help="slow the private server's WAL flushes"
+    )
     args = parser.parse_args()
     work = {
         "jsonb append": batches(args.events, args.events, args.batch),
@@ -157,7 +168,7 @@ def main() -> None:
     }
     rates: dict[str, list[float]] = {name: [] for name in work}
     cpus: dict[str, list[float]] = {name: [] for name in work}
-    with postgres(args.postgres_dsn) as (dsn, pg_pid):
+    with postgres(args.postgres_dsn, args.commit_delay_ms) as (dsn, pg_pid):
         for run in range(args.repeat):
             for name, batches_ in work.items():  # interleaved: drift hits all alike
                 rate, cpu = asyncio.run(one_run(dsn, pg_pid, name, batches_, args.connections))
@@ -170,9 +181,10 @@ def main() -> None:
 def report(args: Any, rates: dict[str, list[float]], cpus: dict[str, list[float]]) -> None:
     base = statistics.median(rates["jsonb append"])
     base_cpu = statistics.median(cpus["jsonb append"])
+    slow = f", WAL flushes {args.commit_delay_ms:g} ms slower" if args.commit_delay_ms else ""
     print(
         f"\n{args.events:,} events in batches of {args.batch} over {args.connections} "
-        f"connections, median of {args.repeat}"
+        f"connections, median of {args.repeat}{slow}"
     )
     print(
         f"{'table':<26}{'events/s':>10}{'vs jsonb':>10}{'CPU us/ev':>11}{'by CPU':>8}{'target':>8}"

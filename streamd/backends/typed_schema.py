@@ -31,6 +31,9 @@ POSITION_COLUMNS = (("entry_ms", "bigint"), ("entry_seq", "numeric(20,0)"))
 TOMBSTONE_SUFFIX = "_tombstones"
 UPSERT_FILLFACTOR = 70
 _PROBE = "streamd_probe_types"
+# What an upsert's COMMIT is followed by, to wait for its WAL flush (pipeline/typed_sql.FLUSH):
+# executable by PUBLIC unless revoked, checked at start with the table privileges.
+FLUSH_FUNCTION = "pg_logical_emit_message(boolean, text, text)"
 
 _COLUMNS = """
 SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
@@ -265,8 +268,9 @@ async def _ensure_tombstones(
 
 async def typed_privilege_problems(conn: asyncpg.Connection, settings: Settings) -> list[str]:
     """What `serve`'s role lacks on typed tables, as grant-like phrases: INSERT and SELECT;
-    an upsert table's UPDATE (ON CONFLICT DO UPDATE) and DELETE (delete_types), and its
-    tombstones' INSERT, SELECT and UPDATE. (grants.py checks the events tables.)"""
+    an upsert table's UPDATE (ON CONFLICT DO UPDATE) and DELETE (delete_types), its
+    tombstones' INSERT, SELECT and UPDATE, and EXECUTE on FLUSH_FUNCTION. (grants.py checks
+    the events tables.)"""
     missing: list[str] = []
     for spec in settings.tables:
         if not spec.typed:
@@ -276,6 +280,10 @@ async def typed_privilege_problems(conn: asyncpg.Connection, settings: Settings)
             needs[spec.name] += ["UPDATE", "DELETE"] if spec.delete_types else ["UPDATE"]
         if spec.delete_types:
             needs[tombstone_table(spec)] = ["INSERT", "SELECT", "UPDATE"]
+        if spec.mode == "upsert" and not await conn.fetchval(_EXECUTE, FLUSH_FUNCTION):
+            phrase = f"EXECUTE on function {FLUSH_FUNCTION}"
+            if phrase not in missing:
+                missing.append(phrase)
         for table, privileges in needs.items():
             found = await conn.fetchval(_PRIVILEGES, quote_ident(table), privileges)
             if found is None:
@@ -285,6 +293,7 @@ async def typed_privilege_problems(conn: asyncpg.Connection, settings: Settings)
     return missing
 
 
+_EXECUTE = "SELECT has_function_privilege('pg_catalog.' || $1, 'EXECUTE')"
 _PRIVILEGES = """
 SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE coalesce(
   (SELECT array_agg(p ORDER BY n) FROM unnest($2::text[]) WITH ORDINALITY AS u(p, n)

@@ -19,7 +19,11 @@ with Postgres's own message.
 Upserts into a table with delete_types take a transaction-level advisory lock on the table
 before they move the batch: a delete and an older update of the same key in two concurrent
 transactions could otherwise each miss the other's tombstone. Without deletes, concurrent
-batches meet only on row locks, taken in key order (the batch is sorted by key).
+batches meet only on row locks, taken in key order (the batch is sorted by key). An upsert
+commits without waiting for its WAL flush, which releases those locks at once, and the same
+round trip then waits for the flush in a transaction of its own (typed_sql.FLUSH): batches of
+hot keys queue for each other's statement, not for each other's fsync, and nothing is
+acknowledged before it is on disk.
 """
 
 from __future__ import annotations
@@ -154,7 +158,8 @@ class TypedSink:
     ) -> list[WriteResult]:
         """The fast way for every stream at once (one COPY, one statement), else the careful
         way, stream by stream, in one transaction."""
-        if any(rows for _, rows, _ in shares):
+        moving = any(rows for _, rows, _ in shares)
+        if moving:
             try:
                 if self._direct:
                     return await self._write_direct(conn, shares)
@@ -162,7 +167,13 @@ class TypedSink:
             except _RowRefused:
                 pass
         async with transaction(conn):
-            return [await self._careful(conn, *share) for share in shares]
+            results = [await self._careful(conn, *share) for share in shares]
+        if moving and self._upsert:
+            # Committed synchronously, but what it skipped as older may stand on another
+            # batch's commit that is not on disk yet (and a batch that changed nothing
+            # commits without a flush): wait for the WAL, as the fast way does.
+            await conn.execute(typed_sql.FLUSH)
+        return results
 
     def _wanted_rows(self, rows: list[Row]) -> list[Row]:
         """Entries whose type the section's `types` leaves out are skipped (acknowledged, not
@@ -226,9 +237,14 @@ class TypedSink:
     ) -> list[WriteResult]:
         """One try in as few round trips as it takes: BEGIN with the stage's CREATE (and the
         SET LOCALs a pooler needs, as transaction() sends them), the COPY, and an append's
-        INSERT with COMMIT (a plain INSERT takes every row or none: no count to read)."""
-        setup = getattr(conn, "transaction_setup", "")
-        await conn.execute(f"BEGIN; {setup + '; ' if setup else ''}{typed_sql.STAGE_CREATE}")
+        INSERT with COMMIT (a plain INSERT takes every row or none: no count to read); an
+        upsert's statement, then its COMMIT (not waiting for the WAL flush) with FLUSH, which
+        does wait, in one round trip."""
+        setup = [getattr(conn, "transaction_setup", "")]
+        if self._upsert:
+            setup.append(typed_sql.ASYNC_COMMIT)
+        setup.append(typed_sql.STAGE_CREATE)
+        await conn.execute(f"BEGIN; {'; '.join(s for s in setup if s)}")
         try:
             await self._copy(conn, [(s, rows) for s, rows, _ in shares if rows])
             await self._dead_letters(conn, shares)
@@ -236,7 +252,8 @@ class TypedSink:
                 await conn.execute(f"{self._fast_sql}; COMMIT")
                 return [WriteResult(inserted=len(rows)) for _, rows, _ in shares]
             changed = await self._move_counts(conn, None)
-            await conn.execute("COMMIT")
+            # FLUSH runs after the COMMIT, in its own transaction, on the same server session.
+            await conn.execute(f"COMMIT; {typed_sql.FLUSH}")
         except asyncpg.PostgresError as exc:
             # Refused by the server, the session still in step: end the transaction. (Cut off
             # instead, by a cancellation or a lost connection, the transaction dies with the

@@ -18,7 +18,7 @@ match config.tables.PG_TYPE) and is quoted as an identifier; event types travel 
 from __future__ import annotations
 
 from streamd.backends.sql import quote_ident
-from streamd.backends.typed_schema import generated, tombstone_table, value_expr
+from streamd.backends.typed_schema import FLUSH_FUNCTION, generated, tombstone_table, value_expr
 from streamd.config.tables import TableSpec
 
 # Versioned: a session (kept by a pooler across an upgrade) may hold an older layout.
@@ -33,6 +33,18 @@ STAGE_CREATE = (
     " data text, produced_at timestamptz, meta jsonb) ON COMMIT DELETE ROWS"
 )
 POSITION = ("entry_ms", "entry_seq", "stream")
+
+# An upsert commits without waiting for its WAL to reach disk, so its row locks (and a delete
+# table's advisory lock) are released at once: the next batch of the same hot keys need not wait
+# for this one's flush as well as for its statement. FLUSH then runs in a transaction of its
+# own, sent with the COMMIT: a transactional WAL record (the message is read by no one, and
+# decoded only by logical decoding plugins asked for messages), committed with the session's
+# synchronous_commit, so its commit waits for WAL up to and past the upsert's commit record
+# (and that of every commit the upsert saw), exactly as the upsert's own commit would have.
+# Entries are acknowledged only after FLUSH returns: what a crash could take back was never
+# acknowledged, and its replay writes it again.
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+FLUSH = f"SELECT {FLUSH_FUNCTION.split('(')[0]}(true, 'streamd.flush', '')"
 
 
 def envelope_columns(spec: TableSpec) -> list[str]:
