@@ -12,6 +12,7 @@ printing one table:
 
     uv run python -m bench.cluster
     uv run python -m bench.cluster --quick
+    uv run python -m bench.cluster --redis-aof   # appendonly yes on every Redis
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
-import orjson
 import psutil
 import redis
-import redis.asyncio as aioredis
 
 from bench.run import ROOT, WORK, Lab, sample_payloads, say, stop
 from bench.streams import latency
@@ -58,19 +58,20 @@ def client_of(url: str, cluster: bool) -> redis.Redis | redis.RedisCluster:
     return redis.RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
 
 
-def done_reading(url: str, cluster: bool, keys: Sequence[str]) -> tuple[int, int]:
-    """Entries read and entries pending by group streamd, over the keys."""
+def done_reading(r: redis.Redis | redis.RedisCluster, keys: Sequence[str]) -> tuple[int, int]:
+    """Entries read and entries pending by group streamd, over the keys. The caller keeps one
+    client for all its polls: a new RedisCluster asks for the slot map and COMMAND's whole
+    table each time, which polled every 20 ms took CPU from the drain it timed."""
     read = pending = 0
-    with client_of(url, cluster) as r:
-        for key in keys:
-            try:
-                groups = r.xinfo_groups(key)
-            except redis.ResponseError:
-                continue
-            for group in groups:
-                if group["name"] in (b"streamd", "streamd"):
-                    read += int(group.get("entries-read") or 0)
-                    pending += int(group["pending"])
+    for key in keys:
+        try:
+            groups = r.xinfo_groups(key)
+        except redis.ResponseError:
+            continue
+        for group in groups:
+            if group["name"] in (b"streamd", "streamd"):
+                read += int(group.get("entries-read") or 0)
+                pending += int(group["pending"])
     return read, pending
 
 
@@ -98,17 +99,18 @@ def drain(lab: Lab, n: int, url: str, cluster: bool) -> float:
     fill(url, n, shards)
     proc = serve(lab, f"drain-{cluster}", url, STREAMD_SHARDS=str(shards))
     try:
-        while done_reading(url, cluster, keys)[0] == 0:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited early; see {lab.logs}")
-            time.sleep(0.005)
-        first = time.perf_counter()
-        while True:
-            read, pending = done_reading(url, cluster, keys)
-            if read >= n and pending == 0:
-                break
-            time.sleep(0.02)
-        seconds = time.perf_counter() - first
+        with client_of(url, cluster) as r:
+            while done_reading(r, keys)[0] == 0:
+                if proc.poll() is not None:
+                    raise SystemExit(f"serve exited early; see {lab.logs}")
+                time.sleep(0.005)
+            first = time.perf_counter()
+            while True:
+                read, pending = done_reading(r, keys)
+                if read >= n and pending == 0:
+                    break
+                time.sleep(0.02)
+            seconds = time.perf_counter() - first
     finally:
         stop(proc)
     total, distinct = asyncio.run(_count(lab.dsn))
@@ -117,26 +119,49 @@ def drain(lab: Lab, n: int, url: str, cluster: bool) -> float:
     return n / seconds
 
 
-async def paced(url: str, rate: float, seconds: float, run: str) -> int:
-    """rate events/s over the shards for `seconds`, each carrying its send time."""
-    client = aioredis.RedisCluster.from_url(url)
-    keys = shard_keys("events", SHARDS)
+@dataclass
+class Paced:
+    """What a paced producer did: events sent, over how long, and how far it fell behind."""
+
+    sent: int
+    seconds: float  # from the start to the last reply
+    max_behind_ms: float  # the most it ever ran behind its schedule
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds else 0.0
+
+
+async def paced(url: str, rate: float, seconds: float, run: str) -> Paced:
+    """rate events/s over the shards for `seconds`, each carrying its send time: every 10 ms,
+    what the schedule says is due, through streamd's Producer (one hiredis-packed script call
+    per shard, over redis-py's RedisCluster): redis-py's cluster pipeline costs ~40 us of
+    Python per XADD, which on a busy box kept it under 10,000/s. Events are stamped when they
+    are sent, so a producer that falls behind would flatter the latency: how far it did is
+    returned, with the rate it achieved."""
     sent = 0
-    started = time.perf_counter()
-    try:
+    behind = 0.0
+    async with Producer(url, stream="events", max_backlog=None, shards=SHARDS) as producer:
+        started = time.perf_counter()
         while (now := time.perf_counter() - started) < seconds:
             due = int(now * rate) - sent
             if due > 0:
-                pipe = client.pipeline(transaction=False)
-                for i in range(sent, sent + due):
-                    data = orjson.dumps({"run": run, "seq": i, "sent_us": time.time_ns() // 1000})
-                    pipe.xadd(keys[i % SHARDS], {"type": "t", "data": data})
-                await pipe.execute()
+                behind = max(behind, due / rate)
+                sent_us = time.time_ns() // 1000
+                events = [
+                    ("t", {"run": run, "seq": i, "sent_us": sent_us})
+                    for i in range(sent, sent + due)
+                ]
+                # One call per shard (the Producer takes them in turn), all at once.
+                calls = min(SHARDS, due)
+                await asyncio.gather(
+                    *(producer.produce_batch(events[j::calls]) for j in range(calls))
+                )
                 sent += due
             await asyncio.sleep(0.01)
-    finally:
-        await client.aclose()
-    return sent
+        elapsed = time.perf_counter() - started
+    # One tick's events are due over the tick before it: behind counts from the oldest.
+    return Paced(sent, elapsed, behind * 1000)
 
 
 def groups_ready(url: str) -> None:
@@ -146,21 +171,21 @@ def groups_ready(url: str) -> None:
                 r.xgroup_create(key, "streamd", id="0", mkstream=True)
 
 
-def sustained(lab: Lab, url: str, rate: int, duration: float) -> tuple[float, float, int]:
+def sustained(lab: Lab, url: str, rate: int, duration: float) -> tuple[float, float, Paced]:
     lab.reset()
     groups_ready(url)
     proc = serve(lab, "sustained", url, STREAMD_SHARDS=str(SHARDS))
     try:
         time.sleep(3)  # consumers connected and blocking
 
-        async def go() -> tuple[int, tuple[float, float]]:
-            sent = await paced(url, rate, duration, "sustained")
-            return sent, await latency(lab.dsn, "sustained", sent)
+        async def go() -> tuple[Paced, tuple[float, float]]:
+            produced = await paced(url, rate, duration, "sustained")
+            return produced, await latency(lab.dsn, "sustained", produced.sent)
 
-        sent, (p50, p99) = asyncio.run(go())
+        produced, (p50, p99) = asyncio.run(go())
     finally:
         stop(proc)
-    return p50, p99, sent
+    return p50, p99, produced
 
 
 def takeover(lab: Lab, url: str, rate: int, ttl_s: float) -> tuple[int, float, float, float, int]:
@@ -214,11 +239,12 @@ def takeover(lab: Lab, url: str, rate: int, ttl_s: float) -> tuple[int, float, f
             while held and await asyncio.to_thread(_held_by, url, "bench-b:"):  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             taken_over_s.append(time.perf_counter() - killed_at if held else 0.0)
-            sent = await producing
+            sent = (await producing).sent
             await latency(lab.dsn, "takeover", sent, timeout_s=120)
             # Until the survivor has taken over what was held (polling Redis: no event to await).
-            while done_reading(url, True, shard_keys("events", SHARDS))[1]:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
+            with client_of(url, True) as r:
+                while done_reading(r, shard_keys("events", SHARDS))[1]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
             return sent, held
 
         taken_over_s: list[float] = []
@@ -303,11 +329,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ttl", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="100,000 events, 10 s")
     parser.add_argument("--only", choices=("drain", "sustained", "takeover"))
+    parser.add_argument(
+        "--redis-aof", action="store_true", help="appendonly yes on the single Redis and every node"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.duration = 100_000, 10.0
     rows: list[tuple[str, str]] = []
-    with Lab.open(None, None) as lab, LocalRedisCluster(WORK / "cluster") as cluster:
+    # The same persistence on both sides: the single Redis keeps Redis' default (no AOF), and
+    # so do the nodes unless --redis-aof (an AOF logs every delivery, as an XCLAIM per entry,
+    # on each of the six nodes: about as much CPU again as the reads themselves).
+    aof = {"appendonly": "yes" if args.redis_aof else "no"}
+    with (
+        Lab.open(None, None, aof=args.redis_aof) as lab,
+        LocalRedisCluster(WORK / "cluster", config=aof) as cluster,
+    ):
         if args.only in (None, "drain"):
             say(f"drain: {args.events} events, single Redis then cluster ({SHARDS} shards)")
             single = drain(lab, args.events, lab.redis_url, cluster=False)
@@ -319,8 +355,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.only in (None, "sustained"):
             reset_cluster(cluster)
             say(f"sustained: {args.rate} events/s for {args.duration:g} s on the cluster")
-            p50, p99, sent = sustained(lab, cluster.url, args.rate, args.duration)
-            rows.append((f"sustained {args.rate}/s, {sent} events: p50", f"{p50:.1f} ms"))
+            p50, p99, produced = sustained(lab, cluster.url, args.rate, args.duration)
+            rows.append(
+                (
+                    f"sustained {args.rate}/s: producer sent",
+                    f"{produced.sent} events, {produced.rate:,.0f}/s, "
+                    f"at most {produced.max_behind_ms:.0f} ms behind schedule",
+                )
+            )
+            rows.append((f"sustained {args.rate}/s: p50", f"{p50:.1f} ms"))
             rows.append((f"sustained {args.rate}/s: p99 (<= 100 ms)", f"{p99:.1f} ms"))
         if args.only in (None, "takeover"):
             reset_cluster(cluster)

@@ -117,6 +117,23 @@ class KeyConnections:
         self._owners[id(conn)] = node
         return conn
 
+    async def acquire_node(self, name: str) -> AbstractConnection:
+        """A connection to the cluster node `name` (host:port), whatever slots it serves now."""
+        client = self.client
+        assert isinstance(client, RedisCluster), "a node is a cluster's"
+        await client.initialize()
+        node = client.get_node(node_name=name)
+        if node is None:
+            raise redis.exceptions.ClusterDownError(f"no cluster node {name!r} any more")
+        conn = node.acquire_connection()
+        self._owners[id(conn)] = node
+        return conn
+
+    def node_of(self, conn: AbstractConnection) -> str | None:
+        """The name of the cluster node an acquired connection talks to (None on one Redis)."""
+        node = self._owners.get(id(conn))
+        return node.name if node is not None else None
+
     async def release(self, conn: AbstractConnection) -> None:
         client = self.client
         if not isinstance(client, RedisCluster):

@@ -86,6 +86,7 @@ class LocalRedisCluster:
     appendfsync: str = "everysec"
     node_timeout_ms: int = NODE_TIMEOUT_MS
     start_timeout_s: float = START_TIMEOUT_S
+    config: dict[str, str] = field(default_factory=dict)  # extra redis.conf lines, every node
     nodes: list[ClusterNode] = field(default_factory=list, init=False)
     _started: bool = field(default=False, init=False, repr=False)
 
@@ -97,6 +98,7 @@ class LocalRedisCluster:
                 self.dir / f"node-{i}",
                 appendfsync=self.appendfsync,
                 node_timeout_ms=self.node_timeout_ms,
+                config=dict(self.config),
             )
             for i in range(count)
         ]

@@ -33,15 +33,18 @@ class RawConnection:
     command reconnects. `client_id` is the current connection's CLIENT ID, for CLIENT UNBLOCK.
     """
 
-    def __init__(self, client: aioredis.Redis, key: str = "") -> None:
+    def __init__(self, client: aioredis.Redis, key: str = "", *, node: str | None = None) -> None:
         # In a Redis Cluster: a connection to the node serving `key`'s slot, found again after
-        # MOVED, a failover or a lost node (backends/cluster.py). On one Redis: any.
+        # MOVED, a failover or a lost node (backends/cluster.py); or, given `node`, to that node
+        # whatever it serves (pipeline/reader.py). On one Redis: any.
         self._source = KeyConnections(client)
         self._key = key
+        self._node = node
         self._stale = False  # the slot map may be out of date: refresh it before reconnecting
         self._conn: AbstractConnection | None = None
         self._lock = asyncio.Lock()
         self.client_id: int | None = None
+        self.node: str | None = None  # in a cluster: the node the current connection is to
         # False once the ACL refused CLIENT ID: it only serves CLIENT UNBLOCK, which a drain can
         # do without (its reads then end after block_ms instead of at once).
         self.ask_client_id = True
@@ -52,24 +55,25 @@ class RawConnection:
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands in one round trip (pipelined); an error reply of any is raised after
         every reply was read, so the connection stays in step."""
+        return await self._call(commands, raise_errors=True)
+
+    async def call_each(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """As call_many, but every reply comes back in its place, an error reply as its
+        ResponseError (one command's refusal does not hide what the others delivered). A reply
+        saying the slot map changed drops the connection, as call_many does."""
+        return await self._call(commands, raise_errors=False)
+
+    async def _call(self, commands: list[tuple[Any, ...]], *, raise_errors: bool) -> list[Any]:
         async with self._lock:
             try:
-                if self._conn is None:
-                    if self._stale:
-                        await self._source.refresh()
-                        self._stale = False
-                    # Checked out of the client's pool and kept: closing the client closes it.
-                    self._conn = await self._source.acquire(self._key)
-                conn = self._conn
-                if not conn.is_connected:
-                    self.client_id = None
-                    await conn.connect()  # type: ignore[no-untyped-call]
-                if self.client_id is None and self.ask_client_id:
-                    try:
-                        self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
-                    except redis.exceptions.NoPermissionError:
-                        self.ask_client_id = False
-                return await self._exchange_many(conn, commands)
+                replies = await self._exchange_many(await self._connected(), commands)
+                if raise_errors:
+                    for reply in replies:
+                        if isinstance(reply, redis.exceptions.ResponseError):
+                            raise reply
+                elif any(_moved_on(reply) for reply in replies):
+                    await self._drop()  # in step, but talking to a node that no longer serves us
+                return replies
             except redis.exceptions.ResponseError as exc:
                 retry = topology_changed(exc)
                 if retry is None:
@@ -87,13 +91,39 @@ class RawConnection:
                     await self._conn.disconnect(nowait=True)
                 raise
 
+    async def _connected(self) -> AbstractConnection:
+        """The connection, made (and its CLIENT ID asked) when there is none yet."""
+        if self._conn is None:
+            if self._stale:
+                await self._source.refresh()
+                self._stale = False
+            # Checked out of the client's pool and kept: closing the client closes it.
+            if self._node is not None:
+                self._conn = await self._source.acquire_node(self._node)
+            else:
+                self._conn = await self._source.acquire(self._key)
+            self.node = self._source.node_of(self._conn)
+        conn = self._conn
+        if not conn.is_connected:
+            self.client_id = None
+            await conn.connect()  # type: ignore[no-untyped-call]
+        if self.client_id is None and self.ask_client_id:
+            try:
+                self.client_id = int(await self._exchange(conn, ("CLIENT", "ID")))
+            except redis.exceptions.NoPermissionError:
+                self.ask_client_id = False
+        return conn
+
     async def unblock(self) -> None:
         """CLIENT UNBLOCK this connection's blocked read, from a second connection to the same
         node (in a cluster, a client id means something only on its node)."""
-        client_id = self.client_id
+        client_id, node = self.client_id, self.node
         if client_id is None:
             return
-        conn = await self._source.acquire(self._key)
+        if node is not None:  # where that connection is, even if the slot has moved since
+            conn = await self._source.acquire_node(node)
+        else:
+            conn = await self._source.acquire(self._key)
         try:
             if not conn.is_connected:
                 await conn.connect()  # type: ignore[no-untyped-call]
@@ -108,6 +138,7 @@ class RawConnection:
 
     async def _drop(self) -> None:
         self.client_id = None
+        self.node = None
         self._stale = True
         if self._conn is not None:
             conn, self._conn = self._conn, None
@@ -123,18 +154,15 @@ class RawConnection:
     async def _exchange_many(
         conn: AbstractConnection, commands: list[tuple[Any, ...]]
     ) -> list[Any]:
+        """Every reply, an error reply as its ResponseError, in the commands' order."""
         packed = b"".join(hiredis.pack_command(args) for args in commands)
         await conn.send_packed_command(packed, check_health=False)
         replies: list[Any] = []
-        error: redis.exceptions.ResponseError | None = None
         for _ in commands:
             try:
                 replies.append(await conn.read_response(disable_decoding=True))
             except redis.exceptions.ResponseError as exc:
-                error = error or exc
                 replies.append(exc)
-        if error is not None:
-            raise error
         return replies
 
     async def aclose(self) -> None:
@@ -142,6 +170,11 @@ class RawConnection:
             await self._conn.disconnect(nowait=True)
             await self._source.release(self._conn)
             self._conn = None
+
+
+def _moved_on(reply: Any) -> bool:
+    """An error reply saying the slot map changed under the command."""
+    return isinstance(reply, redis.exceptions.ResponseError) and topology_changed(reply) is not None
 
 
 class GroupStream:

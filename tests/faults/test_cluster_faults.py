@@ -56,16 +56,42 @@ def _settle(environ: dict[str, str], producer: Producer, timeout: float = 90) ->
     )
 
 
+def _read_beside(environ: dict[str, str], cluster: LocalRedisCluster) -> dict[str, str]:
+    """environ with serve also reading two empty streams: one in another slot of the stream's
+    master, one on another master. Each read then spans three slots on two nodes: the slots of
+    one node pipelined over one connection, a blocked read on each slot woken by the others
+    (pipeline/reader.py); the fault hits one slot of a pipeline, or a whole node of it."""
+    stream = environ["STREAMD_STREAM"]
+    master = cluster.owner_of(stream)
+    same = other = None
+    for i in range(1000):
+        name = f"{stream}:{{beside-{i}}}"
+        owner = cluster.owner_of(name)
+        if same is None and owner is master and cluster.slot_of(name) != cluster.slot_of(stream):
+            same = name
+        elif other is None and owner is not master:
+            other = name
+        if same and other:
+            return {**environ, "STREAMD_STREAMS": ",".join([stream, same, other])}
+    raise AssertionError("no names found in the slots wanted")
+
+
 def _rows_grow(environ: dict[str, str], beyond: int) -> None:
     dsn = environ["STREAMD_POSTGRES_DSN"]
     wait_until(lambda: count_rows(dsn) > beyond, timeout=60, message=f"more than {beyond} rows")
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["one-slot", "three-slots"])
 def test_manual_failover_under_load_loses_and_duplicates_nothing(
-    env: dict[str, str], make_cluster: MakeCluster, start_serve: Callable[..., ServeProcess]
+    env: dict[str, str],
+    make_cluster: MakeCluster,
+    start_serve: Callable[..., ServeProcess],
+    beside: bool,
 ) -> None:
     cluster = make_cluster()
     environ = _environ(env, cluster)
+    if beside:
+        environ = _read_beside(environ, cluster)
     serve = start_serve(environ=environ)
     serve.wait_ready()
     stream = environ["STREAMD_STREAM"]
@@ -82,11 +108,17 @@ def test_manual_failover_under_load_loses_and_duplicates_nothing(
     assert serve.poll() is None and not serve.events("child_restarted")
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["one-slot", "three-slots"])
 def test_resharding_the_streams_slot_under_load_loses_and_duplicates_nothing(
-    env: dict[str, str], make_cluster: MakeCluster, start_serve: Callable[..., ServeProcess]
+    env: dict[str, str],
+    make_cluster: MakeCluster,
+    start_serve: Callable[..., ServeProcess],
+    beside: bool,
 ) -> None:
     cluster = make_cluster()
     environ = _environ(env, cluster)
+    if beside:
+        environ = _read_beside(environ, cluster)
     serve = start_serve(environ=environ)
     serve.wait_ready()
     stream = environ["STREAMD_STREAM"]
