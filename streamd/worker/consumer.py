@@ -211,7 +211,10 @@ class Consumer:
         deadline = 0.0
         asking: tuple[str, ...] | list[str] = names
         while total < self.batch_size and not self.stopping:
-            count = max(1, min(s.read_count, (self.batch_size - total) // len(asking)))
+            room = self.batch_size - total
+            if held and room < len(asking):
+                break  # less than an entry per stream left: not worth another round trip
+            count = max(1, min(s.read_count, room // len(asking)))
             sent = self.watch.replies
             got = await self.reader.read(asking, count, None if held else s.block_ms)
             if not got:
