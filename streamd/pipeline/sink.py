@@ -52,14 +52,15 @@ ROW_ERRORS = (
 _pack_i = struct.Struct(">i").pack
 _pack_ts = struct.Struct(">iq").pack
 _pack_json = struct.Struct(">iB").pack
-# entry_ms, entry_seq: a sequence number past 2**63 (valid in Redis) is stored as its two's
-# complement, which keeps every ID distinct (it is the key), if not in order.
-_pack_ids = struct.Struct(">iqiQ").pack
+_pack_ms = struct.Struct(">iq").pack
+# entry_seq: a sequence number past 2**63 (valid in Redis) is stored as its two's complement,
+# which keeps every ID distinct (it is the key), if not in order.
+_pack_seq = struct.Struct(">iQ").pack
 
 
 def encode_copy(row_start: bytes, rows: list[Row], with_ids: bool = False) -> memoryview:
-    """The binary COPY stream for rows: (stream, entry_id, [entry_ms, entry_seq,] event_type,
-    payload, produced_at, meta).
+    """The binary COPY stream for rows: the columns of layouts.COPY_COLUMNS, "ids" (with_ids)
+    or "text".
 
     memoryview, because asyncpg takes plain bytes for a file path.
     """
@@ -69,42 +70,91 @@ def encode_copy(row_start: bytes, rows: list[Row], with_ids: bool = False) -> me
 def encode_copy_parts(parts: list[tuple[bytes, list[Row]]], with_ids: bool = False) -> memoryview:
     """One binary COPY stream for the rows of several streams, each with its own row start."""
     out = [_HEADER]
+    encode = _encode_id_rows if with_ids else _encode_rows
     for row_start, rows in parts:
-        _encode_rows(out, row_start, rows, with_ids)
+        encode(out, row_start, rows)
     out.append(_TRAILER)
     return memoryview(b"".join(out))
 
 
-def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row], with_ids: bool) -> None:
+# Per batch, each encoder packs once what repeats: a stream has few event types; entry IDs and
+# payloads come in few lengths; entries of one millisecond share their time (ts and the ID's),
+# and sequence numbers repeat from one millisecond to the next. One extend per row.
+
+
+def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row]) -> None:
+    """(stream, entry_id, event_type, payload, produced_at, meta)"""
     extend = parts.extend
-    # Per batch, encode once what repeats: a stream has few event types, and entry IDs and
-    # payloads come in few lengths (the row start and the jsonb header depend only on those).
     types: dict[bytes, bytes] = {}
     id_heads: dict[int, bytes] = {}
     json_heads: dict[int, bytes] = {}
+    last_us, ts_field = None, b""
     for entry_id, event_type, payload, produced_us, meta, _fields in rows:
+        id_head = id_heads.get(len(entry_id))
+        if id_head is None:
+            id_head = id_heads[len(entry_id)] = row_start + _pack_i(len(entry_id))
         type_field = types.get(event_type)
         if type_field is None:
             type_field = types[event_type] = _pack_i(len(event_type)) + event_type
-        size = len(entry_id)
-        id_head = id_heads.get(size)
-        if id_head is None:
-            id_head = id_heads[size] = row_start + _pack_i(size)
-        size = len(payload)
-        json_head = json_heads.get(size)
+        json_head = json_heads.get(len(payload))
         if json_head is None:
             # jsonb's binary format is a version byte (1), then the JSON text.
-            json_head = json_heads[size] = _pack_json(size + 1, 1)
-        if with_ids:
-            ms, _, seq = entry_id.partition(b"-")
-            extend((id_head, entry_id, _pack_ids(8, int(ms), 8, int(seq or 0))))
-        else:
-            extend((id_head, entry_id))
-        extend((type_field, json_head, payload, _pack_ts(8, produced_us)))
+            json_head = json_heads[len(payload)] = _pack_json(len(payload) + 1, 1)
+        if produced_us != last_us:
+            last_us, ts_field = produced_us, _pack_ts(8, produced_us)
         if meta is None:
-            parts.append(_NULL)
+            extend((id_head, entry_id, type_field, json_head, payload, ts_field, _NULL))
         else:
-            extend((_pack_json(len(meta) + 1, 1), meta))
+            meta_head = _pack_json(len(meta) + 1, 1)
+            extend((id_head, entry_id, type_field, json_head, payload, ts_field, meta_head, meta))
+
+
+def _encode_id_rows(parts: list[bytes], row_start: bytes, rows: list[Row]) -> None:
+    """(stream, entry_ms, entry_seq, entry_id, event_type, payload, produced_at, meta): the
+    entry ID's two numbers first, so that the row start and the milliseconds, shared by the
+    entries of one millisecond, are one piece."""
+    extend = parts.extend
+    types: dict[bytes, bytes] = {}
+    seqs: dict[bytes, bytes] = {}
+    id_lengths: dict[int, bytes] = {}
+    json_heads: dict[int, bytes] = {}
+    last_ms, ms_head = b"", b""
+    last_us, ts_field = None, b""
+    for entry_id, event_type, payload, produced_us, meta, _fields in rows:
+        ms, _, seq = entry_id.partition(b"-")
+        if ms != last_ms:
+            last_ms, ms_head = ms, row_start + _pack_ms(8, int(ms))
+        seq_field = seqs.get(seq)
+        if seq_field is None:
+            seq_field = seqs[seq] = _pack_seq(8, int(seq or 0))
+        id_length = id_lengths.get(len(entry_id))
+        if id_length is None:
+            id_length = id_lengths[len(entry_id)] = _pack_i(len(entry_id))
+        type_field = types.get(event_type)
+        if type_field is None:
+            type_field = types[event_type] = _pack_i(len(event_type)) + event_type
+        json_head = json_heads.get(len(payload))
+        if json_head is None:
+            json_head = json_heads[len(payload)] = _pack_json(len(payload) + 1, 1)
+        if produced_us != last_us:
+            last_us, ts_field = produced_us, _pack_ts(8, produced_us)
+        if meta is None:
+            extend(
+                (
+                    ms_head,
+                    seq_field,
+                    id_length,
+                    entry_id,
+                    type_field,
+                    json_head,
+                    payload,
+                    ts_field,
+                    _NULL,
+                )
+            )
+        else:
+            extend((ms_head, seq_field, id_length, entry_id, type_field, json_head, payload))
+            extend((ts_field, _pack_json(len(meta) + 1, 1), meta))
 
 
 @dataclass(slots=True)
