@@ -32,6 +32,7 @@ from bench.run import sample_payloads, tree_cpu
 from streamd.dev.pg_setup import initdb
 from streamd.dev.servers import PostgresServer
 from streamd.pipeline.envelope import PG_EPOCH_MS
+from streamd.pipeline.sink import ATTACHED
 
 WORK = Path(__file__).resolve().parent / ".work"
 BATCH = 2000
@@ -78,6 +79,7 @@ class Variant:
     json: bool = False  # payload is json (binary format: the text, no version byte)
     into_partition: bool = False  # COPY into {t}_p1 rather than {t}
     batch: int = BATCH  # rows per COPY statement
+    checked: bool = False  # in a transaction that then asks whether the partition is attached
 
 
 VARIANTS = (
@@ -92,6 +94,12 @@ VARIANTS = (
         "chosen layout, by day: COPY into the partition",
         _ddl(partitioned=True),
         into_partition=True,
+    ),
+    Variant(
+        "  in a transaction checking it is attached",
+        _ddl(partitioned=True),
+        into_partition=True,
+        checked=True,
     ),
     Variant(
         "  into the partition, no entry_id column",
@@ -160,9 +168,16 @@ async def run_one(dsn: str, postmaster: int, v: Variant, table: str, rows: int) 
         cpu0, server0 = sum(backend.cpu_times()[:2]), tree_cpu(postmaster)
         t0 = time.perf_counter()
         for buffer in buffers:
-            await conn.copy_to_table(
-                target, source=memoryview(buffer), columns=columns(v), format="binary"
-            )
+            if v.checked:  # as the sink writes a batch straight into its partition
+                async with conn.transaction():
+                    await conn.copy_to_table(
+                        target, source=memoryview(buffer), columns=columns(v), format="binary"
+                    )
+                    assert await conn.fetchval(ATTACHED, target, table)
+            else:
+                await conn.copy_to_table(
+                    target, source=memoryview(buffer), columns=columns(v), format="binary"
+                )
         wall = time.perf_counter() - t0
         cpu, server = sum(backend.cpu_times()[:2]) - cpu0, tree_cpu(postmaster) - server0
         wal = await conn.fetchval("SELECT pg_current_wal_lsn() - $1::text::pg_lsn", lsn0)
@@ -172,17 +187,17 @@ async def run_one(dsn: str, postmaster: int, v: Variant, table: str, rows: int) 
         await conn.close()
 
 
-async def bench(dsn: str, postmaster: int, rows: int, repeat: int) -> None:
-    results: dict[str, list[Sample]] = {v.name: [] for v in VARIANTS}
-    order = list(enumerate(VARIANTS))
+async def bench(dsn: str, postmaster: int, variants: list[Variant], rows: int, repeat: int) -> None:
+    results: dict[str, list[Sample]] = {v.name: [] for v in variants}
+    order = list(enumerate(variants))
     for round_ in range(repeat):
         # a new order every round: drift on a shared machine (and WAL segments created on the
         # way) then favours no variant
         random.Random(round_).shuffle(order)
         for n, v in order:
             results[v.name].append(await run_one(dsn, postmaster, v, f"cost_{n}", rows))
-    base = min(s.server_us for s in results[VARIANTS[0].name])
-    base_mid = statistics.median(s.server_us for s in results[VARIANTS[0].name])
+    first = results[variants[0].name]
+    base, base_mid = min(s.server_us for s in first), statistics.median(s.server_us for s in first)
     print(
         f"{rows:,} rows, binary COPY of {BATCH} per statement (unless said) in autocommit,"
         f" {repeat} rounds"
@@ -205,6 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--only", default="", help="comma-separated: the variants whose names contain one"
+    )
     args = parser.parse_args()
     shutil.rmtree(WORK / "pg-cost", ignore_errors=True)
     template = WORK / "pg-template"
@@ -213,7 +231,9 @@ def main() -> None:
     server = PostgresServer(WORK / "pg-cost", template=template, fsync=True).start()
     try:
         assert server.pid is not None
-        asyncio.run(bench(server.dsn, server.pid, args.rows, args.repeat))
+        wanted = args.only.split(",")
+        variants = [v for v in VARIANTS if any(w in v.name for w in wanted)]
+        asyncio.run(bench(server.dsn, server.pid, variants, args.rows, args.repeat))
     finally:
         server.stop()
 

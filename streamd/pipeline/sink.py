@@ -15,7 +15,12 @@ bad row costs one extra COPY, not a batch in the DLQ. Without a line number the 
 The table's layout (backends/layout.py) decides the COPY columns: the "ids" layout also gets the
 entry ID as two bigints (entry_ms, entry_seq). A partitioned table gets the partitions a batch's
 time needs before the batch is written (backends/partitions.py): a row for which no partition
-exists is never refused, nor taken for a bad row.
+exists is never refused, nor taken for a bad row. A batch whose time lies in one partition (the
+common case: a batch spans milliseconds) is copied straight into it, which spares Postgres
+routing each row through the parent (bench/pg_cost.py); in a transaction that checks, once the
+COPY holds the partition's lock, that it is still attached, since rows written into a partition
+detached meanwhile (retention detaches, then drops) would have left the table. A row outside
+that partition, or a partition gone, and the batch goes through the parent as before.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ _TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
 _STAGE = "streamd_stage"
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
+# Whether a partition is (still) attached to the table; asked after the COPY into it, which
+# holds a lock that DETACH waits for.
+ATTACHED = """
+SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(quote_ident($1))
+               AND inhparent = to_regclass(quote_ident($2)) AND NOT inhdetachpending)
+"""
 
 # Errors about the rows themselves: bad values (22), constraint violations other than the unique
 # key (23), and per-row limits such as JSON nested too deep or a value too large (54).
@@ -251,14 +262,17 @@ class PostgresSink:
         if not self._layout:
             await self._resolve(conn)
         coverage = self._coverage
+        partition = None
         if coverage is not None:
             # Each part's first and last entries name its time span, almost always within one
             # partition; a row in between that needs another one is refused, then all are seen.
             ends = [partitions.entry_ms(p.rows[i][0]) for p in parts if p.rows for i in (0, -1)]
             if ends:
                 await coverage.ensure(conn, ends)
+                held = coverage.holding(ends)
+                partition = held.name if held is not None else None
         try:
-            return await self._write_parts(conn, parts)
+            return await self._write_parts(conn, parts, partition)
         except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError) as exc:
             if not _table_changed(exc):
                 raise
@@ -269,13 +283,18 @@ class PostgresSink:
             await self._coverage.ensure(conn, every)
         return await self._write_parts(conn, parts)
 
-    async def _write_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> list[WriteResult]:
+    async def _write_parts(
+        self, conn: asyncpg.Connection, parts: list[Part], partition: str | None = None
+    ) -> list[WriteResult]:
+        """partition: the one that holds the time of every part's first and last rows."""
         if any(p.rows for p in parts) and not any(p.rejects for p in parts):
-            # The common case: one COPY in autocommit, one round trip, atomic on its own. If
-            # Postgres refuses it for any row's sake, nothing was written: take the careful path.
+            # The common case: one COPY, atomic on its own (in autocommit, one round trip, when
+            # it goes through the table). If Postgres refuses it for any row's sake, nothing was
+            # written: take the careful path.
             try:
-                async with statement_scope(conn):
-                    await self._copy_parts(conn, parts)
+                if partition is None or not await self._copy_into_partition(conn, parts, partition):
+                    async with statement_scope(conn):
+                        await self._copy_parts(conn, parts, self.events_table)
                 return [WriteResult(inserted=len(p.rows)) for p in parts]
             except ROW_ERRORS as exc:
                 if _table_changed(exc):
@@ -333,13 +352,32 @@ class PostgresSink:
                 result.duplicates += len(rows) - inserted
                 return
 
-    async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> None:
+    async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part], table: str) -> None:
         source = encode_copy_parts(
             [(self._row_start(p.stream), p.rows) for p in parts if p.rows], self._layout == "ids"
         )
-        await conn.copy_to_table(
-            self.events_table, source=source, columns=self.columns, format="binary"
-        )
+        await conn.copy_to_table(table, source=source, columns=self.columns, format="binary")
+
+    async def _copy_into_partition(
+        self, conn: asyncpg.Connection, parts: list[Part], partition: str
+    ) -> bool:
+        """COPY every part's rows straight into `partition`, committed only if it is still a
+        partition of the table; False (nothing written) when it is not, or is gone, or a row
+        lies outside its range: the table then routes them. Row errors propagate."""
+        try:
+            async with transaction(conn):
+                await self._copy_parts(conn, parts, partition)
+                if not await conn.fetchval(ATTACHED, partition, self.events_table):
+                    raise _Detached
+        except (_Detached, asyncpg.UndefinedTableError):
+            if self._coverage is not None:
+                self._coverage.forget()
+            return False
+        except asyncpg.CheckViolationError as exc:
+            if "violates partition constraint" not in str(exc):
+                raise
+            return False
+        return True
 
     async def _copy(self, conn: asyncpg.Connection, stream: str, rows: list[Row]) -> int:
         await conn.copy_to_table(
@@ -361,6 +399,10 @@ class PostgresSink:
         status = await conn.execute(self._stage_insert)
         await conn.execute(f"TRUNCATE {_STAGE}")
         return int(status.rsplit(" ", 1)[-1])
+
+
+class _Detached(Exception):
+    """The partition a COPY went into is no longer attached to the table: roll it back."""
 
 
 def _failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:
