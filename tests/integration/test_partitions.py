@@ -201,6 +201,18 @@ async def test_a_partition_detached_under_a_sink_gets_no_rows_they_stay_in_the_t
     assert set(where.values()) == {"events_p20240303_2"}  # a new partition for that day
 
 
+async def test_a_row_a_check_constraint_refuses_in_a_partition_is_refused_alone(
+    conn: asyncpg.Connection, sink: PostgresSink
+) -> None:
+    # A CHECK constraint (named, unlike the partition's own) refuses a row for its data.
+    await conn.execute("ALTER TABLE events ADD CONSTRAINT small_seq CHECK (entry_seq < 100)")
+    day = ms("2026-06-06T06:00:00")
+    result = await sink.write(conn, rows_at(f"{day}-1", f"{day}-100", f"{day + 1}-2"), [])
+    assert result.inserted == 2
+    assert [r.entry_id for r in result.refused] == [f"{day}-100".encode()]
+    assert set((await placement(conn)).values()) == {"events_p20260606"}
+
+
 def test_nothing_is_lost_across_a_boundary_under_load(
     env: dict[str, str], start_serve: Callable[..., ServeProcess]
 ) -> None:
