@@ -177,6 +177,12 @@ class Coverage:
     def covered(self, ms_values: Iterable[int]) -> bool:
         return all(any(p.covers(ms) for p in self._known) for ms in ms_values)
 
+    def holding(self, ms_values: Iterable[int]) -> Partition | None:
+        """The known partition that holds every one of ms_values, if one does."""
+        values = list(ms_values)
+        first = next((p for p in self._known if values and p.covers(values[0])), None)
+        return first if first is not None and all(first.covers(ms) for ms in values) else None
+
     async def ensure(self, conn: asyncpg.Connection, ms_values: Iterable[int]) -> None:
         values = set(ms_values)
         if self.covered(values):

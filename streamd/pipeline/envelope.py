@@ -85,6 +85,9 @@ def split_entries(
     rows: list[Row] = []
     rejects: list[Rejection] = []
     append = rows.append
+    # The last valid `ts` and its value: entries of one millisecond share it.
+    last_ts: bytes | None = None
+    last_us = 0
     for entry_id, fields in entries:
         # Fast paths: the exact layouts well-behaved producers write, streamd's own included
         # (type, data, ts); anything else is checked field by field.
@@ -98,11 +101,14 @@ def split_entries(
         ):
             if size == 4:
                 produced_us = (int(entry_id[: entry_id.index(b"-")]) - PG_EPOCH_MS) * 1000
+            elif fields[5] == last_ts:
+                produced_us = last_us
             else:
                 ts_us = _ts_us(fields[5])
                 if ts_us is None:
                     rejects.append(_invalid_ts(entry_id, fields, fields[5]))
                     continue
+                last_ts, last_us = fields[5], ts_us
                 produced_us = ts_us
             append((entry_id, fields[1], fields[3], produced_us, None, fields))
             continue

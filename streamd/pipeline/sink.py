@@ -15,7 +15,12 @@ bad row costs one extra COPY, not a batch in the DLQ. Without a line number the 
 The table's layout (backends/layout.py) decides the COPY columns: the "ids" layout also gets the
 entry ID as two bigints (entry_ms, entry_seq). A partitioned table gets the partitions a batch's
 time needs before the batch is written (backends/partitions.py): a row for which no partition
-exists is never refused, nor taken for a bad row.
+exists is never refused, nor taken for a bad row. A batch whose time lies in one partition (the
+common case: a batch spans milliseconds) is copied straight into it, which spares Postgres
+routing each row through the parent (bench/pg_cost.py); in a transaction that checks, once the
+COPY holds the partition's lock, that it is still attached, since rows written into a partition
+detached meanwhile (retention detaches, then drops) would have left the table. A row outside
+that partition, or a partition gone, and the batch goes through the parent as before.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ _STAGE = "streamd_stage"
 # Rows encoded between two yields to the event loop (encode_copy_chunks): about a millisecond.
 COPY_SLICE = 256
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
+# Whether a partition is (still) attached to the table; asked after the COPY into it, which
+# holds a lock that DETACH waits for.
+ATTACHED = """
+SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(quote_ident($1))
+               AND inhparent = to_regclass(quote_ident($2)) AND NOT inhdetachpending)
+"""
 
 # Errors about the rows themselves: bad values (22), constraint violations other than the unique
 # key (23), and per-row limits such as JSON nested too deep or a value too large (54).
@@ -55,14 +66,15 @@ ROW_ERRORS = (
 _pack_i = struct.Struct(">i").pack
 _pack_ts = struct.Struct(">iq").pack
 _pack_json = struct.Struct(">iB").pack
-# entry_ms, entry_seq: a sequence number past 2**63 (valid in Redis) is stored as its two's
-# complement, which keeps every ID distinct (it is the key), if not in order.
-_pack_ids = struct.Struct(">iqiQ").pack
+_pack_ms = struct.Struct(">iq").pack
+# entry_seq: a sequence number past 2**63 (valid in Redis) is stored as its two's complement,
+# which keeps every ID distinct (it is the key), if not in order.
+_pack_seq = struct.Struct(">iQ").pack
 
 
 def encode_copy(row_start: bytes, rows: list[Row], with_ids: bool = False) -> memoryview:
-    """The binary COPY stream for rows: (stream, entry_id, [entry_ms, entry_seq,] event_type,
-    payload, produced_at, meta).
+    """The binary COPY stream for rows: the columns of layouts.COPY_COLUMNS, "ids" (with_ids)
+    or "text".
 
     memoryview, because asyncpg takes plain bytes for a file path.
     """
@@ -72,8 +84,9 @@ def encode_copy(row_start: bytes, rows: list[Row], with_ids: bool = False) -> me
 def encode_copy_parts(parts: list[tuple[bytes, list[Row]]], with_ids: bool = False) -> memoryview:
     """One binary COPY stream for the rows of several streams, each with its own row start."""
     out = [_HEADER]
+    encode = _encode_id_rows if with_ids else _encode_rows
     for row_start, rows in parts:
-        _encode_rows(out, row_start, rows, with_ids)
+        encode(out, row_start, rows)
     out.append(_TRAILER)
     return memoryview(b"".join(out))
 
@@ -85,11 +98,12 @@ async def encode_copy_chunks(
     event loop in between: a big batch being encoded never holds up the worker's other consumers
     (the quiet lane, worker/backlogs.py) for more than a slice."""
     out = [_HEADER]
+    encode = _encode_id_rows if with_ids else _encode_rows
     pending = 0  # rows encoded since the last yield
     for row_start, rows in parts:
         for i in range(0, len(rows), COPY_SLICE):
             piece = rows[i : i + COPY_SLICE]
-            _encode_rows(out, row_start, piece, with_ids)
+            encode(out, row_start, piece)
             pending += len(piece)
             if pending >= COPY_SLICE:
                 yield b"".join(out)
@@ -100,36 +114,84 @@ async def encode_copy_chunks(
     yield b"".join(out)
 
 
-def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row], with_ids: bool) -> None:
+# Per batch, each encoder packs once what repeats: a stream has few event types; entry IDs and
+# payloads come in few lengths; entries of one millisecond share their time (ts and the ID's),
+# and sequence numbers repeat from one millisecond to the next. One extend per row.
+
+
+def _encode_rows(parts: list[bytes], row_start: bytes, rows: list[Row]) -> None:
+    """(stream, entry_id, event_type, payload, produced_at, meta)"""
     extend = parts.extend
-    # Per batch, encode once what repeats: a stream has few event types, and entry IDs and
-    # payloads come in few lengths (the row start and the jsonb header depend only on those).
     types: dict[bytes, bytes] = {}
     id_heads: dict[int, bytes] = {}
     json_heads: dict[int, bytes] = {}
+    last_us, ts_field = None, b""
     for entry_id, event_type, payload, produced_us, meta, _fields in rows:
+        id_head = id_heads.get(len(entry_id))
+        if id_head is None:
+            id_head = id_heads[len(entry_id)] = row_start + _pack_i(len(entry_id))
         type_field = types.get(event_type)
         if type_field is None:
             type_field = types[event_type] = _pack_i(len(event_type)) + event_type
-        size = len(entry_id)
-        id_head = id_heads.get(size)
-        if id_head is None:
-            id_head = id_heads[size] = row_start + _pack_i(size)
-        size = len(payload)
-        json_head = json_heads.get(size)
+        json_head = json_heads.get(len(payload))
         if json_head is None:
             # jsonb's binary format is a version byte (1), then the JSON text.
-            json_head = json_heads[size] = _pack_json(size + 1, 1)
-        if with_ids:
-            ms, _, seq = entry_id.partition(b"-")
-            extend((id_head, entry_id, _pack_ids(8, int(ms), 8, int(seq or 0))))
-        else:
-            extend((id_head, entry_id))
-        extend((type_field, json_head, payload, _pack_ts(8, produced_us)))
+            json_head = json_heads[len(payload)] = _pack_json(len(payload) + 1, 1)
+        if produced_us != last_us:
+            last_us, ts_field = produced_us, _pack_ts(8, produced_us)
         if meta is None:
-            parts.append(_NULL)
+            extend((id_head, entry_id, type_field, json_head, payload, ts_field, _NULL))
         else:
-            extend((_pack_json(len(meta) + 1, 1), meta))
+            meta_head = _pack_json(len(meta) + 1, 1)
+            extend((id_head, entry_id, type_field, json_head, payload, ts_field, meta_head, meta))
+
+
+def _encode_id_rows(parts: list[bytes], row_start: bytes, rows: list[Row]) -> None:
+    """(stream, entry_ms, entry_seq, entry_id, event_type, payload, produced_at, meta): the
+    entry ID's two numbers first, so that the row start and the milliseconds, shared by the
+    entries of one millisecond, are one piece."""
+    extend = parts.extend
+    types: dict[bytes, bytes] = {}
+    seqs: dict[bytes, bytes] = {}
+    id_lengths: dict[int, bytes] = {}
+    json_heads: dict[int, bytes] = {}
+    last_ms, ms_head = b"", b""
+    last_us, ts_field = None, b""
+    for entry_id, event_type, payload, produced_us, meta, _fields in rows:
+        ms, _, seq = entry_id.partition(b"-")
+        if ms != last_ms:
+            last_ms, ms_head = ms, row_start + _pack_ms(8, int(ms))
+        seq_field = seqs.get(seq)
+        if seq_field is None:
+            seq_field = seqs[seq] = _pack_seq(8, int(seq or 0))
+        id_length = id_lengths.get(len(entry_id))
+        if id_length is None:
+            id_length = id_lengths[len(entry_id)] = _pack_i(len(entry_id))
+        type_field = types.get(event_type)
+        if type_field is None:
+            type_field = types[event_type] = _pack_i(len(event_type)) + event_type
+        json_head = json_heads.get(len(payload))
+        if json_head is None:
+            json_head = json_heads[len(payload)] = _pack_json(len(payload) + 1, 1)
+        if produced_us != last_us:
+            last_us, ts_field = produced_us, _pack_ts(8, produced_us)
+        if meta is None:
+            extend(
+                (
+                    ms_head,
+                    seq_field,
+                    id_length,
+                    entry_id,
+                    type_field,
+                    json_head,
+                    payload,
+                    ts_field,
+                    _NULL,
+                )
+            )
+        else:
+            extend((ms_head, seq_field, id_length, entry_id, type_field, json_head, payload))
+            extend((ts_field, _pack_json(len(meta) + 1, 1), meta))
 
 
 @dataclass(slots=True)
@@ -226,14 +288,17 @@ class PostgresSink:
         if not self._layout:
             await self._resolve(conn)
         coverage = self._coverage
+        partition = None
         if coverage is not None:
             # Each part's first and last entries name its time span, almost always within one
             # partition; a row in between that needs another one is refused, then all are seen.
             ends = [partitions.entry_ms(p.rows[i][0]) for p in parts if p.rows for i in (0, -1)]
             if ends:
                 await coverage.ensure(conn, ends)
+                held = coverage.holding(ends)
+                partition = held.name if held is not None else None
         try:
-            return await self._write_parts(conn, parts)
+            return await self._write_parts(conn, parts, partition)
         except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError) as exc:
             if not _table_changed(exc):
                 raise
@@ -244,13 +309,18 @@ class PostgresSink:
             await self._coverage.ensure(conn, every)
         return await self._write_parts(conn, parts)
 
-    async def _write_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> list[WriteResult]:
+    async def _write_parts(
+        self, conn: asyncpg.Connection, parts: list[Part], partition: str | None = None
+    ) -> list[WriteResult]:
+        """partition: the one that holds the time of every part's first and last rows."""
         if any(p.rows for p in parts) and not any(p.rejects for p in parts):
-            # The common case: one COPY in autocommit, one round trip, atomic on its own. If
-            # Postgres refuses it for any row's sake, nothing was written: take the careful path.
+            # The common case: one COPY, atomic on its own (in autocommit, one round trip, when
+            # it goes through the table). If Postgres refuses it for any row's sake, nothing was
+            # written: take the careful path.
             try:
-                async with statement_scope(conn):
-                    await self._copy_parts(conn, parts)
+                if partition is None or not await self._copy_into_partition(conn, parts, partition):
+                    async with statement_scope(conn):
+                        await self._copy_parts(conn, parts, self.events_table)
                 return [WriteResult(inserted=len(p.rows)) for p in parts]
             except ROW_ERRORS as exc:
                 if _table_changed(exc):
@@ -308,13 +378,34 @@ class PostgresSink:
                 result.duplicates += len(rows) - inserted
                 return
 
-    async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part]) -> None:
+    async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part], table: str) -> None:
         source = encode_copy_chunks(
             [(self._row_start(p.stream), p.rows) for p in parts if p.rows], self._layout == "ids"
         )
-        await conn.copy_to_table(
-            self.events_table, source=source, columns=self.columns, format="binary"
-        )
+        await conn.copy_to_table(table, source=source, columns=self.columns, format="binary")
+
+    async def _copy_into_partition(
+        self, conn: asyncpg.Connection, parts: list[Part], partition: str
+    ) -> bool:
+        """COPY every part's rows straight into `partition`, committed only if it is still a
+        partition of the table; False (nothing written) when it is not, or is gone, or a row
+        lies outside its range: the table then routes them. Row errors propagate."""
+        try:
+            async with transaction(conn):
+                await self._copy_parts(conn, parts, partition)
+                if not await conn.fetchval(ATTACHED, partition, self.events_table):
+                    raise _Detached
+        except (_Detached, asyncpg.UndefinedTableError):
+            if self._coverage is not None:
+                self._coverage.forget()
+            return False
+        except asyncpg.CheckViolationError as exc:
+            # A row outside the partition's range: a partition constraint, which (unlike a
+            # CHECK constraint, a row error) has no name.
+            if getattr(exc, "constraint_name", None):
+                raise
+            return False
+        return True
 
     async def _copy(self, conn: asyncpg.Connection, stream: str, rows: list[Row]) -> int:
         await conn.copy_to_table(
@@ -336,6 +427,10 @@ class PostgresSink:
         status = await conn.execute(self._stage_insert)
         await conn.execute(f"TRUNCATE {_STAGE}")
         return int(status.rsplit(" ", 1)[-1])
+
+
+class _Detached(Exception):
+    """The partition a COPY went into is no longer attached to the table: roll it back."""
 
 
 def _failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:

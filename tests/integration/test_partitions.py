@@ -147,6 +147,72 @@ async def test_a_partition_dropped_under_a_sink_is_made_again_not_dead_lettered(
     assert await conn.fetchval("SELECT count(*) FROM events") == 1
 
 
+async def _parent_statements(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT n FROM parent_inserts"))
+
+
+async def count_parent_statements(conn: asyncpg.Connection) -> None:
+    """Count the INSERT and COPY statements that go through the parent: a statement trigger
+    fires for the table named by the statement, not for the partitions it routes rows to."""
+    await conn.execute(
+        """
+        CREATE TABLE parent_inserts (n int NOT NULL); INSERT INTO parent_inserts VALUES (0);
+        CREATE FUNCTION count_parent() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN UPDATE parent_inserts SET n = n + 1; RETURN NULL; END$$;
+        CREATE TRIGGER count_parent AFTER INSERT ON events
+          FOR EACH STATEMENT EXECUTE FUNCTION count_parent();
+        """
+    )
+
+
+async def test_a_batch_in_one_partition_is_copied_straight_into_it(
+    conn: asyncpg.Connection, sink: PostgresSink
+) -> None:
+    await count_parent_statements(conn)
+    day = ms("2026-05-05T10:00:00")
+    result = await sink.write(
+        conn, rows_at(*(f"{day + i}-{j}" for i in range(3) for j in range(2))), []
+    )
+    assert (result.inserted, result.refused) == (6, [])
+    assert set((await placement(conn)).values()) == {"events_p20260505"}
+    assert await _parent_statements(conn) == 0  # Postgres routed none of them
+    # Across a boundary, and a replay (the careful path): through the table, as before.
+    across = [f"{ms('2026-05-05T23:59:59.999')}-0", f"{ms('2026-05-06T00:00:00')}-0"]
+    assert (await sink.write(conn, rows_at(*across), [])).inserted == 2
+    assert await _parent_statements(conn) == 1
+    again = await sink.write(conn, rows_at(f"{day}-0", f"{day}-1"), [])
+    assert (again.inserted, again.duplicates) == (0, 2)
+    assert await conn.fetchval("SELECT count(*) FROM events") == 8
+
+
+async def test_a_partition_detached_under_a_sink_gets_no_rows_they_stay_in_the_table(
+    conn: asyncpg.Connection, sink: PostgresSink
+) -> None:
+    day = ms("2024-03-03T00:00:00")
+    await sink.write(conn, rows_at(f"{day}-1"), [])  # the sink now knows events_p20240303
+    # Detached and not yet dropped, as retention leaves it between its two transactions (or
+    # an operator archiving it): a COPY straight into it would put the rows out of the table.
+    await conn.execute("ALTER TABLE events DETACH PARTITION events_p20240303")
+    result = await sink.write(conn, rows_at(f"{day}-2", f"{day}-3"), [])
+    assert (result.inserted, result.refused) == (2, [])
+    assert await conn.fetchval("SELECT count(*) FROM events_p20240303") == 1
+    where = await placement(conn)
+    assert set(where) == {f"{day}-2", f"{day}-3"}
+    assert set(where.values()) == {"events_p20240303_2"}  # a new partition for that day
+
+
+async def test_a_row_a_check_constraint_refuses_in_a_partition_is_refused_alone(
+    conn: asyncpg.Connection, sink: PostgresSink
+) -> None:
+    # A CHECK constraint (named, unlike the partition's own) refuses a row for its data.
+    await conn.execute("ALTER TABLE events ADD CONSTRAINT small_seq CHECK (entry_seq < 100)")
+    day = ms("2026-06-06T06:00:00")
+    result = await sink.write(conn, rows_at(f"{day}-1", f"{day}-100", f"{day + 1}-2"), [])
+    assert result.inserted == 2
+    assert [r.entry_id for r in result.refused] == [f"{day}-100".encode()]
+    assert set((await placement(conn)).values()) == {"events_p20260606"}
+
+
 def test_nothing_is_lost_across_a_boundary_under_load(
     env: dict[str, str], start_serve: Callable[..., ServeProcess]
 ) -> None:

@@ -57,6 +57,18 @@ def test_bad_entries_are_rejected_with_precise_reasons() -> None:
     assert "1001 bytes" in oversize.error
 
 
+def test_a_ts_shared_by_neighbours_is_read_once_and_a_bad_one_never_passes_for_it() -> None:
+    def entry(n: int, ts: bytes) -> list[object]:
+        return [f"1700000000000-{n}".encode(), [b"type", b"t", b"data", b"{}", b"ts", ts]]
+
+    stamps = [b"", b"1600000000000", b"1600000000000", b"x", b"1600000000000", b"1600000000001"]
+    stamps += [b"1600000000001", b"", b"99999999999999999"]
+    rows, rejects = split_entries([entry(n, ts) for n, ts in enumerate(stamps)], MAX)
+    assert [r.entry_id for r in rejects] == [f"1700000000000-{n}".encode() for n in (0, 3, 7, 8)]
+    assert {r.reason for r in rejects} == {"invalid_ts"}
+    assert [r[PRODUCED_US] for r in rows] == [us(1600000000000)] * 3 + [us(1600000000001)] * 2
+
+
 def test_type_of_exactly_128_bytes_and_data_of_exactly_the_limit_are_accepted() -> None:
     rows, rejects = split_entries(
         [

@@ -6,7 +6,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from streamd.backends.partitions import Partition, _gaps, ahead, bounds, partition_name
+from streamd.backends.partitions import (
+    Coverage,
+    Partition,
+    _gaps,
+    ahead,
+    bounds,
+    partition_name,
+)
 from streamd.backends.upkeep import retention_cutoff
 from streamd.config.durations import Retention, parse_retention
 from streamd.config.sources import load_settings
@@ -55,6 +62,17 @@ def test_gaps_respect_partitions_of_another_interval() -> None:
     assert _gaps(0, 3_600_000, hours) == []
     day = [Partition("d", 0, 86_400_000)]
     assert _gaps(3_600_000, 7_200_000, day) == []  # an hour inside an existing day
+
+
+def test_the_partition_a_batch_is_copied_into_holds_every_time_given() -> None:
+    coverage = Coverage("t", "hour")
+    assert coverage.holding([5]) is None  # nothing known yet
+    coverage._known = [Partition("h0", 0, 3_600_000), Partition("h1", 3_600_000, 7_200_000)]
+    assert coverage.holding([5, 3_599_999, 17]) == coverage._known[0]
+    assert coverage.holding([3_600_000]) == coverage._known[1]
+    assert coverage.holding([5, 3_600_000]) is None  # across the boundary: the table routes
+    assert coverage.holding([7_200_000]) is None
+    assert coverage.holding([]) is None
 
 
 @pytest.mark.parametrize(
