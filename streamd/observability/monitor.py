@@ -288,6 +288,8 @@ class Monitor:
         if not installed:
             return None, PGSS_HINT
         patterns = [f"{verb} {quote_ident(t)}%" for t in tables for verb in ("COPY", "INSERT INTO")]
+        # A batch within one partition is copied straight into it (pipeline/sink.py).
+        patterns += [f"COPY {quote_ident(t + '_p')[:-1]}%" for t in tables]
         try:
             row = await conn.fetchrow(
                 "SELECT sum(calls)::bigint AS calls, sum(total_exec_time) AS total_ms, "
