@@ -131,7 +131,13 @@ class Settings:
     procs: int | Literal["auto"] = _opt(
         "auto", "Worker processes: 'auto' (one per CPU core available) or a number.", min=1, max=256
     )
-    tasks: int = _opt(5, "Consumer tasks per worker process.", min=1, max=256)
+    tasks: int = _opt(
+        5,
+        "Consumer tasks per worker process (with 2 or more, the first is the quiet lane: "
+        "it keeps to the streams without a backlog).",
+        min=1,
+        max=256,
+    )
     # --- batching ---
     batch_size: int = _opt(
         2000, "Flush a batch when it holds this many events.", min=1, max=100_000
