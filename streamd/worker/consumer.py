@@ -200,6 +200,9 @@ class Consumer:
         """
         s = self.settings
         if self._check_own_pending:
+            # The lane's writes in flight hold entries pending under our name: let them end
+            # first, so that what is read back is only what no write of ours has in hand.
+            await self._lane_settle(0)
             count = max(1, self.batch_size // len(names))
             own = await self.reader.read(names, count, None, own_pending=True)
             if own:
