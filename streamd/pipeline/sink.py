@@ -26,7 +26,6 @@ that partition, or a partition gone, and the batch goes through the parent as be
 from __future__ import annotations
 
 import asyncio
-import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ from streamd.backends.connections import statement_scope, transaction
 from streamd.backends.sql import quote_ident
 from streamd.errors import BootError
 from streamd.pipeline import dead_letters as dlq
-from streamd.pipeline.envelope import ENTRY_ID, FIELDS, Rejection, Row
+from streamd.pipeline.envelope import Rejection, Row
+from streamd.pipeline.refused_rows import ROW_ERRORS, isolate_rows
 
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _TRAILER = b"\xff\xff"
@@ -47,7 +47,6 @@ _NULL = b"\xff\xff\xff\xff"
 _STAGE = "streamd_stage"
 # Rows encoded between two yields to the event loop (encode_copy_chunks): about a millisecond.
 COPY_SLICE = 256
-_COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
 # Whether a partition is (still) attached to the table; asked after the COPY into it, which
 # holds a lock that DETACH waits for.
 ATTACHED = """
@@ -55,13 +54,6 @@ SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(quote_iden
                AND inhparent = to_regclass(quote_ident($2)) AND NOT inhdetachpending)
 """
 
-# Errors about the rows themselves: bad values (22), constraint violations other than the unique
-# key (23), and per-row limits such as JSON nested too deep or a value too large (54).
-ROW_ERRORS = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-    asyncpg.ProgramLimitExceededError,
-)
 
 _pack_i = struct.Struct(">i").pack
 _pack_ts = struct.Struct(">iq").pack
@@ -353,30 +345,13 @@ class PostgresSink:
         result: WriteResult,
     ) -> None:
         """Insert rows in the open transaction; rows Postgres refuses go to result.refused."""
-        while rows:
-            try:
-                async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
-                    inserted = await method(conn, stream, rows)
-            except ROW_ERRORS as exc:
-                if isinstance(exc, asyncpg.UniqueViolationError) or _table_changed(exc):
-                    raise
-                if len(rows) == 1:
-                    result.refused.append(_refusal(rows[0], exc))
-                    return
-                bad = _failing_row(exc, len(rows))
-                if bad is None:  # no line number: bisect
-                    middle = len(rows) // 2
-                    await self._insert_isolating(conn, stream, rows[:middle], method, result)
-                    rows = rows[middle:]
-                    continue
-                if bad:
-                    await self._insert_isolating(conn, stream, rows[:bad], method, result)
-                result.refused.append(_refusal(rows[bad], exc))
-                rows = rows[bad + 1 :]
-            else:
-                result.inserted += inserted
-                result.duplicates += len(rows) - inserted
-                return
+
+        async def attempt(some: list[Row]) -> None:
+            inserted = await method(conn, stream, some)
+            result.inserted += inserted
+            result.duplicates += len(some) - inserted
+
+        await isolate_rows(conn, rows, attempt, result.refused, keep_raising=_replay_or_swap)
 
     async def _copy_parts(self, conn: asyncpg.Connection, parts: list[Part], table: str) -> None:
         source = encode_copy_chunks(
@@ -433,34 +408,10 @@ class _Detached(Exception):
     """The partition a COPY went into is no longer attached to the table: roll it back."""
 
 
-def _failing_row(exc: asyncpg.PostgresError, count: int) -> int | None:
-    """The index of the row a COPY error names ("COPY events, line 7, ..."), if any."""
-    found = _COPY_LINE.search(getattr(exc, "context", None) or "")
-    if found is None:
-        return None
-    index = int(found.group(1)) - 1
-    return index if 0 <= index < count else None
-
-
-_REASONS = {
-    "22P02": "invalid_json",  # invalid_text_representation: JSON syntax
-    "22021": "invalid_encoding",  # character_not_in_repertoire: bad UTF-8 or NUL in text
-    "22P05": "invalid_json",  # untranslatable_character: \u0000 in JSON
-    "54001": "too_deeply_nested",  # statement_too_complex: stack depth while parsing JSON
-}
-
-
-def _refusal(row: Row, exc: asyncpg.PostgresError) -> Rejection:
-    where = getattr(exc, "context", None) or ""
-    column = re.search(r"column (\w+)", where)
-    field_name = {"payload": "data", "event_type": "type", "meta": "meta"}.get(
-        column.group(1) if column else "", ""
-    )
-    detail = f" ({exc.detail})" if getattr(exc, "detail", None) else ""
-    message = str(exc).splitlines()[0] + detail
-    error = f"{field_name}: {message}" if field_name else message
-    reason = _REASONS.get(exc.sqlstate or "", "rejected_by_postgres")
-    return Rejection(row[ENTRY_ID], row[FIELDS], reason, f"Postgres refused the row: {error}")
+def _replay_or_swap(exc: BaseException) -> bool:
+    """A replay (the key refuses rows already there) or a table changed under the batch: not
+    the rows' fault, for the caller to handle."""
+    return isinstance(exc, asyncpg.UniqueViolationError) or _table_changed(exc)
 
 
 def _table_changed(exc: BaseException) -> bool:
@@ -472,8 +423,3 @@ def _table_changed(exc: BaseException) -> bool:
         "entry_ms",
         "entry_seq",
     )
-
-
-# The typed tables' sink (typed_sink.py) isolates the rows Postgres refuses the same way.
-failing_row = _failing_row
-refusal = _refusal

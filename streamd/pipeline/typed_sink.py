@@ -41,13 +41,8 @@ from streamd.config.tables import TableSpec
 from streamd.pipeline import dead_letters as dlq
 from streamd.pipeline import typed_sql
 from streamd.pipeline.envelope import ENTRY_ID, EVENT_TYPE, FIELDS, Rejection, Row
-from streamd.pipeline.sink import (
-    ROW_ERRORS,
-    WriteResult,
-    encode_copy_parts,
-    failing_row,
-    refusal,
-)
+from streamd.pipeline.refused_rows import ROW_ERRORS, isolate_rows, refusal
+from streamd.pipeline.sink import WriteResult, encode_copy_parts
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"
 _ENVELOPE_COPY = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
@@ -299,27 +294,12 @@ class TypedSink:
         staged: list[Row],
     ) -> None:
         """COPY rows into the stage; text Postgres refuses (not UTF-8) goes to result.refused."""
-        while rows:
-            try:
-                async with conn.transaction():  # a savepoint: a refusal undoes only this attempt
-                    await self._copy(conn, [(stream, rows)])
-            except ROW_ERRORS as exc:
-                if len(rows) == 1:
-                    result.refused.append(refusal(rows[0], exc))
-                    return
-                bad = failing_row(exc, len(rows))
-                if bad is None:  # no line number: bisect
-                    middle = len(rows) // 2
-                    await self._stage_isolating(conn, stream, rows[:middle], result, staged)
-                    rows = rows[middle:]
-                    continue
-                if bad:
-                    await self._stage_isolating(conn, stream, rows[:bad], result, staged)
-                result.refused.append(refusal(rows[bad], exc))
-                rows = rows[bad + 1 :]
-            else:
-                staged.extend(rows)
-                return
+
+        async def attempt(some: list[Row]) -> None:
+            await self._copy(conn, [(stream, some)])
+            staged.extend(some)
+
+        await isolate_rows(conn, rows, attempt, result.refused)
 
     async def _move_isolating(
         self, conn: asyncpg.Connection, staged: list[Row], result: WriteResult

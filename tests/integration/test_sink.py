@@ -11,7 +11,7 @@ import pytest
 from streamd.backends.connections import postgres_connect
 from streamd.backends.schema import apply_schema
 from streamd.config.settings import Settings
-from streamd.pipeline import sink as sink_module
+from streamd.pipeline import refused_rows
 from streamd.pipeline.envelope import PG_EPOCH_MS, Rejection, Row, split_entries
 from streamd.pipeline.sink import Part, PostgresSink
 
@@ -88,7 +88,7 @@ async def test_refused_rows_become_dead_letters_and_neighbours_commit(
     isolate_by: str,
 ) -> None:
     if isolate_by == "bisection":
-        monkeypatch.setattr(sink_module, "_failing_row", lambda exc, count: None)
+        monkeypatch.setattr(refused_rows, "failing_row", lambda exc, count: None)
     payloads = [b'{"ok": %d}' % i for i in range(40)]
     bad = {
         0: (b"{not json", "invalid_json"),
