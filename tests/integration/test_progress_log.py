@@ -5,6 +5,7 @@ do not repeat for every dead consumer of the last run."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -128,7 +129,9 @@ def test_a_restart_does_not_log_each_dead_consumer_it_deletes(
     xadd(settings.redis_url, [event("t", {"i": i}) for i in range(20)])
     wait_until(lambda: count_rows(settings.postgres_dsn, missing_ok=True) == 20, timeout=30)
     wait_until(lambda: pending_count(settings.redis_url) == 0, timeout=30)
-    # Killed at once, as by a crash or an OOM kill: no reaper gets to tidy up in its drain.
+    # Killed at once, every process of the group, as by an OOM kill of the unit: SIGKILL to the
+    # supervisor alone would let its children drain on its death, each deleting the other's.
+    first.send_signal(signal.SIGKILL, group=True)
     first.close()
     with redis_client(settings.redis_url) as r:
         old = {c["name"] for c in r.xinfo_consumers("events", "streamd")}
