@@ -29,7 +29,7 @@ from streamd.errors import BootError
 
 POSITION_COLUMNS = (("entry_ms", "bigint"), ("entry_seq", "numeric(20,0)"))
 TOMBSTONE_SUFFIX = "_tombstones"
-UPSERT_FILLFACTOR = 70
+UPSERT_FILLFACTOR = 50
 _PROBE = "streamd_probe_types"
 # What an upsert's COMMIT is followed by, to wait for its WAL flush (pipeline/typed_sql.FLUSH):
 # executable by PUBLIC unless revoked, checked at start with the table privileges.

@@ -45,6 +45,9 @@ from streamd.pipeline.refused_rows import ROW_ERRORS, isolate_rows, refusal
 from streamd.pipeline.sink import WriteResult, encode_copy_parts
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext($1))"
+# After a batch of mostly updates, how many batches an upsert writes with ON CONFLICT alone
+# before it tries plain INSERTs for new keys again (TypedSink._upsert_fast).
+PLAIN_INSERTS_PAUSE = 15
 _ENVELOPE_COPY = ["stream", "entry_id", "event_type", "payload", "produced_at", "meta"]
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _NULL = b"\xff\xff\xff\xff"
@@ -113,6 +116,11 @@ class TypedSink:
         self._upsert = spec.mode == "upsert"
         self._deletes = list(spec.delete_types)
         self._move_sql = typed_sql.upsert_sql(spec) if self._upsert else typed_sql.append_sql(spec)
+        # An upsert's first try: plain INSERTs for the keys the table lacks, while they are
+        # most of what batches bring (new keys); while most are updates (hot keys), the probe
+        # for which keys exist costs more than it saves, and ON CONFLICT alone takes them.
+        self._plain_sql = typed_sql.upsert_sql(spec, plain_inserts=True) if self._upsert else ""
+        self._plain_paused = 0  # batches left before plain INSERTs are tried again
         self._fast_sql = typed_sql.append_sql(spec, replay_safe=False)  # an append's first try
         # Every column computed by Postgres (typed_schema.generated): an append is then one
         # COPY of the envelope straight into the table, as the events table's.
@@ -246,7 +254,7 @@ class TypedSink:
             if not self._upsert:
                 await conn.execute(f"{self._fast_sql}; COMMIT")
                 return [WriteResult(inserted=len(rows)) for _, rows, _ in shares]
-            changed = await self._move_counts(conn, None)
+            changed = await self._upsert_fast(conn)
             # FLUSH runs after the COMMIT, in its own transaction, on the same server session.
             await conn.execute(f"COMMIT; {typed_sql.FLUSH}")
         except asyncpg.PostgresError as exc:
@@ -277,13 +285,32 @@ class TypedSink:
             return int(status.rsplit(" ", 1)[-1])
         return sum((await self._move_counts(conn, only)).values())
 
+    async def _upsert_fast(self, conn: asyncpg.Connection) -> dict[str, int]:
+        """The fast try's upsert of the whole stage. With plain INSERTs, a unique violation (a
+        key another transaction inserted meanwhile) sends the batch the careful way, where ON
+        CONFLICT takes every key."""
+        plain = self._plain_paused == 0
+        counts = await self._upsert_rows(conn, None, self._plain_sql if plain else self._move_sql)
+        changed = sum(int(r["changed"]) for r in counts)
+        if not plain:
+            self._plain_paused -= 1
+        elif 2 * sum(int(r["fresh"]) for r in counts) < changed:
+            self._plain_paused = PLAIN_INSERTS_PAUSE
+        return {r["stream"]: int(r["changed"]) for r in counts}
+
     async def _move_counts(self, conn: asyncpg.Connection, only: str | None) -> dict[str, int]:
         """Upsert the stage (or one entry of it): per stream, how many entries changed the
         table (upserted a row, or deleted one with its tombstone)."""
+        counts = await self._upsert_rows(conn, only, self._move_sql)
+        return {r["stream"]: int(r["changed"]) for r in counts}
+
+    async def _upsert_rows(
+        self, conn: asyncpg.Connection, only: str | None, sql: str
+    ) -> list[asyncpg.Record]:
         if self._lock_key:
             await conn.execute(_LOCK, self._lock_key)
-        counts = await conn.fetch(self._move_sql, self._deletes, only)
-        return {r["stream"]: int(r["changed"]) for r in counts}
+        rows: list[asyncpg.Record] = await conn.fetch(sql, self._deletes, only)
+        return rows
 
     async def _stage_isolating(
         self,

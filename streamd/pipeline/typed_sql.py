@@ -91,11 +91,18 @@ def append_sql(spec: TableSpec, *, replay_safe: bool = True) -> str:
     ) + (" ON CONFLICT (stream, entry_id) DO NOTHING" if replay_safe else "")
 
 
-def upsert_sql(spec: TableSpec) -> str:
+def upsert_sql(spec: TableSpec, *, plain_inserts: bool = False) -> str:
     """Upsert: the batch folded to its latest entry per key, then one statement for the rows
     that change (each only where its position is newer than the row's, or the tombstone's).
-    Returns a row (stream, changed) per stream whose entries changed the table (upserted a row,
-    or deleted one with its tombstone)."""
+    Returns a row (stream, changed, fresh) per stream whose entries changed the table (upserted
+    a row, or deleted one with its tombstone); fresh: how many of them the plain INSERT made.
+
+    plain_inserts: the keys the table lacks are inserted by a plain INSERT, which skips ON
+    CONFLICT's speculative insertion (its own index check, lock and WAL record per row: about a
+    quarter of an insert's cost); the keys it has still go through ON CONFLICT, which also
+    re-inserts a row deleted meanwhile. A key another transaction inserts at the same time is
+    then a unique violation: the batch is rolled back and written again without plain_inserts
+    (typed_sink.py), so the race costs time, never a row."""
     table = quote_ident(spec.name)
     key = list(spec.key)
     declared = [c.name for c in spec.columns]
@@ -123,7 +130,7 @@ def upsert_sql(spec: TableSpec) -> str:
     newer = f"{_position('r')} < {_position('EXCLUDED')}"
     ctes = [f"b AS MATERIALIZED ({latest})"]
     put_where = "NOT b.streamd_delete"
-    changed = ["SELECT stream FROM put"]
+    changed = ["SELECT stream, false AS fresh FROM put"]
     if spec.delete_types:
         tombs = quote_ident(tombstone_table(spec))
         tomb_cols = [*key, "stream", "entry_id", "entry_ms", "entry_seq"]
@@ -144,7 +151,16 @@ def upsert_sql(spec: TableSpec) -> str:
             f" AND NOT EXISTS (SELECT 1 FROM {tombs} r WHERE {on_key}"
             f" AND {_position('r')} >= {_position('b')})"
         )
-        changed.append("SELECT stream FROM tomb")
+        changed.append("SELECT stream, false FROM tomb")
+    if plain_inserts:
+        has_key = f"EXISTS (SELECT 1 FROM {table} r WHERE {on_key})"
+        ctes.append(
+            f"new AS (INSERT INTO {table} AS r ({_names(row_columns)})"
+            f" SELECT {_names(row_columns, 'b.')} FROM b WHERE {put_where} AND NOT {has_key}"
+            " RETURNING r.stream)"
+        )
+        put_where += f" AND {has_key}"
+        changed.append("SELECT stream, true FROM new")
     ctes.append(
         f"put AS (INSERT INTO {table} AS r ({_names(row_columns)})"
         f" SELECT {_names(row_columns, 'b.')} FROM b WHERE {put_where}"
@@ -152,7 +168,8 @@ def upsert_sql(spec: TableSpec) -> str:
         f" WHERE {newer} RETURNING r.stream)"
     )
     return (
-        f"WITH {', '.join(ctes)} SELECT stream, count(*) AS changed"
+        f"WITH {', '.join(ctes)} SELECT stream, count(*) AS changed,"
+        " count(*) FILTER (WHERE fresh) AS fresh"
         f" FROM ({' UNION ALL '.join(changed)}) c GROUP BY stream"
     )
 

@@ -1,7 +1,9 @@
 """Upserts of hot keys against a real Postgres: several connections writing batches of the same
 keys at once (they queue on row locks, taken in key order: never a deadlock, and the newest
-entry per key wins), the write that returned is on disk although its COMMIT did not wait for
-the flush, and serve says so at start when the role may not wait for it."""
+entry per key wins), a new key that another transaction inserts meanwhile (the plain INSERT's
+race), the switch between plain INSERTs and ON CONFLICT alone, the write that returned is on
+disk although its COMMIT did not wait for the flush, and serve says so at start when the role
+may not wait for it."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from streamd.config.settings import Settings
 from streamd.config.tables import parse_tables
 from streamd.dev.servers import PostgresServer
 from streamd.pipeline.envelope import Row, split_entries
-from streamd.pipeline.typed_sink import TypedSink
+from streamd.pipeline.typed_sink import PLAIN_INSERTS_PAUSE, TypedSink
 
 HOT = {
     "streams": ["orders"],
@@ -97,6 +99,88 @@ async def test_batches_of_the_same_keys_at_once_end_with_the_newest_entry_per_ke
         key: (str(seq), f"1700000000000-{seq}") for key, seq in newest.items()
     }
     assert KEYS <= changed <= len(batches) * KEYS  # replays and older entries change nothing
+
+
+async def test_a_new_key_inserted_meanwhile_by_another_transaction_is_upserted(
+    hot: Settings,
+) -> None:
+    """The batch's plain INSERT of a key it did not see meets another transaction's insert of
+    it: once that commits, the unique violation sends the batch the careful way (ON CONFLICT),
+    where its newer entry wins; nothing is refused or dead-lettered."""
+    other = await postgres_connect(hot)
+    conn = await postgres_connect(hot)
+    try:
+        await other.execute("BEGIN")
+        await other.execute(
+            "INSERT INTO orders (order_id, status, stream, entry_id, event_type, payload,"
+            " produced_at, entry_ms, entry_seq) VALUES ('k1', 'older', 'orders',"
+            " '1700000000000-0', 'u', '{}', now(), 1700000000000, 0)"
+        )
+        sink = TypedSink("orders", hot.tables[0], hot.dlq_table)
+        write = asyncio.ensure_future(sink.write(conn, rows_of([1]), []))
+        pid = conn.get_server_pid()
+
+        async def blocked() -> bool:
+            waiting = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1"
+            return await other.fetchval(waiting, pid) == "Lock"
+
+        for _ in range(200):  # the plain INSERT waits on the other's uncommitted key
+            if await blocked():
+                break
+            await asyncio.sleep(0.05)
+        assert await blocked(), "the batch's INSERT never met the other transaction's key"
+        await other.execute("COMMIT")
+        result = await asyncio.wait_for(write, 30)
+        assert (result.inserted, result.duplicates, result.refused) == (1, 0, [])
+        row = await conn.fetchrow("SELECT status, entry_id FROM orders WHERE order_id = 'k1'")
+        assert (row["status"], row["entry_id"]) == ("1", "1700000000000-1")
+        assert await conn.fetchval("SELECT count(*) FROM dead_letter_queue") == 0
+    finally:
+        await other.close()
+        await conn.close()
+
+
+async def test_batches_of_updates_pause_plain_inserts_and_new_keys_still_land(
+    hot: Settings,
+) -> None:
+    """A batch that mostly updates keys the table has makes the next batches use ON CONFLICT
+    alone; they still insert the new keys they bring, and plain INSERTs come back after."""
+    sink = TypedSink("orders", hot.tables[0], hot.dlq_table)
+    conn = await postgres_connect(hot)
+    try:
+        assert (await sink.write(conn, rows_of(list(range(KEYS))), [])).inserted == KEYS
+        assert sink._plain_paused == 0  # every key was new: plain INSERTs made them
+        await sink.write(conn, rows_of(list(range(KEYS, 2 * KEYS))), [])
+        assert sink._plain_paused == PLAIN_INSERTS_PAUSE  # every key an update
+        seq = 2 * KEYS
+        for _ in range(PLAIN_INSERTS_PAUSE):
+            # Each batch: one update, and a key the table lacks (outside k0..k29).
+            entries = [
+                [
+                    f"1700000000000-{seq}".encode(),
+                    [b"type", b"u", b"data", orjson.dumps({"order_id": "k0", "status": seq})],
+                ],
+                [
+                    f"1700000000000-{seq + 1}".encode(),
+                    [
+                        b"type",
+                        b"u",
+                        b"data",
+                        orjson.dumps({"order_id": f"new{seq}", "status": seq}),
+                    ],
+                ],
+            ]
+            rows, _ = split_entries(entries, 1 << 20)
+            assert (await sink.write(conn, rows, [])).inserted == 2
+            seq += 2
+        assert sink._plain_paused == 0  # tried again on the next batch
+        count = await conn.fetchval("SELECT count(*) FROM orders WHERE order_id LIKE 'new%'")
+        assert count == PLAIN_INSERTS_PAUSE
+        assert await conn.fetchval("SELECT status FROM orders WHERE order_id = 'k0'") == str(
+            seq - 2
+        )
+    finally:
+        await conn.close()
 
 
 async def test_an_upsert_that_returned_is_on_disk(
