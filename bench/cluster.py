@@ -3,7 +3,11 @@ PostgreSQL) plus a private 3-master Redis Cluster with one replica each (streamd
 printing one table:
 
 - drain: --events (default 500,000) pre-filled over 6 shards of the cluster, drained by one
-  `streamd serve`, against the same events in one stream on the single Redis (target >= 0.8x);
+  `streamd serve`, against the same events in one stream on the single Redis (target >= 0.8x),
+  alone and then, like each master of the cluster, with one replica (--no-single-replica: alone
+  only). The ratio is taken against the single Redis with its replica: the cluster's replicas
+  re-apply every delivery (an XCLAIM per entry read) on the same cores, and a lone node would
+  leave that cost out of the baseline;
 - sustained: --rate (default 10,000) events/s over the 6 shards for --duration seconds: p50/p99
   end-to-end (producer send time -> Postgres commit time; target p99 <= 100 ms);
 - takeover: two serves on the cluster at --takeover-rate events/s, one SIGKILLed while its
@@ -25,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -37,6 +41,7 @@ from bench.streams import latency
 from streamd.client.producer import Producer
 from streamd.config.sharding import shard_keys
 from streamd.dev.cluster import LocalRedisCluster
+from streamd.dev.servers import RedisServer
 
 SHARDS = 6
 LOCK_S = 0.5  # takeover: how long the table is locked around the kill
@@ -92,8 +97,43 @@ def reset_cluster(cluster: LocalRedisCluster) -> None:
             r.flushall()
 
 
-def drain(lab: Lab, n: int, url: str, cluster: bool) -> float:
+@contextlib.contextmanager
+def replica_of(url: str, config: dict[str, str]) -> Iterator[None]:
+    """A replica of the single Redis at `url`, in sync, for as long as the block runs."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    replica = RedisServer(
+        WORK / "redis-replica", config={**config, "replicaof": f"127.0.0.1 {port}"}
+    )
+    replica.start()
+    try:
+        wait_in_sync(url, 1)
+        yield
+    finally:
+        replica.stop()
+
+
+def wait_in_sync(url: str, replicas: int, timeout: float = 60.0) -> None:
+    """Until `replicas` replicas of the Redis at `url` are online and caught up with it."""
+    deadline = time.monotonic() + timeout
+    with redis.Redis.from_url(url) as r:
+        while time.monotonic() < deadline:
+            info = r.info("replication")
+            offset = info.get("master_repl_offset", 0)
+            online = [
+                v
+                for k, v in info.items()
+                if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+            ]
+            if len(online) >= replicas and all(v.get("offset") == offset for v in online):
+                return
+            time.sleep(0.05)
+    raise SystemExit(f"the single Redis's replica did not get in sync within {timeout:g} s")
+
+
+def drain(lab: Lab, n: int, url: str, cluster: bool, replicas: int = 0) -> float:
     lab.reset()
+    if replicas:
+        wait_in_sync(url, replicas)  # the reset's FLUSHALL has reached the replica
     shards = SHARDS if cluster else 1
     keys = shard_keys("events", shards)
     fill(url, n, shards)
@@ -332,6 +372,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--redis-aof", action="store_true", help="appendonly yes on the single Redis and every node"
     )
+    parser.add_argument(
+        "--no-single-replica",
+        dest="single_replica",
+        action="store_false",
+        help="drain the single Redis alone only, and take the ratio against that",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.duration = 100_000, 10.0
@@ -346,12 +392,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     ):
         if args.only in (None, "drain"):
             say(f"drain: {args.events} events, single Redis then cluster ({SHARDS} shards)")
-            single = drain(lab, args.events, lab.redis_url, cluster=False)
+            alone = drain(lab, args.events, lab.redis_url, cluster=False)
+            rows.append(("drain, single Redis alone (1 stream)", f"{alone:,.0f} events/s"))
+            single = alone
+            if args.single_replica:
+                with replica_of(lab.redis_url, aof):
+                    single = drain(lab, args.events, lab.redis_url, cluster=False, replicas=1)
+                rows.append(("drain, single Redis + 1 replica", f"{single:,.0f} events/s"))
             reset_cluster(cluster)
             clustered = drain(lab, args.events, cluster.url, cluster=True)
-            rows.append(("drain, single Redis (1 stream)", f"{single:,.0f} events/s"))
             rows.append((f"drain, cluster ({SHARDS} shards)", f"{clustered:,.0f} events/s"))
-            rows.append(("drain ratio cluster/single (>= 0.8)", f"{clustered / single:.2f}x"))
+            if args.single_replica:
+                rows.append(("drain ratio cluster/single alone", f"{clustered / alone:.2f}x"))
+                rows.append(
+                    ("drain ratio cluster/single + replica (>= 0.8)", f"{clustered / single:.2f}x")
+                )
+            else:
+                rows.append(("drain ratio cluster/single (>= 0.8)", f"{clustered / single:.2f}x"))
         if args.only in (None, "sustained"):
             reset_cluster(cluster)
             say(f"sustained: {args.rate} events/s for {args.duration:g} s on the cluster")
