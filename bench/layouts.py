@@ -1,6 +1,6 @@
 """Which events-table layout Postgres inserts most cheaply: the same rows, binary COPY in
-streamd's batch size, into tables that differ only in their key, collation, time index and
-partitioning. Measured: CPU of the Postgres backend per event (psutil, the one that runs the
+streamd's batch size, into tables that differ only in their key, collation, time index,
+partitioning, the payload's type (jsonb or json) and whether the text entry_id is stored. Measured: CPU of the Postgres backend per event (psutil, the one that runs the
 COPY) and rows/s, min and median of --repeat rounds, the candidates interleaved in every round so a
 noisy machine hurts them alike. Ratios are against today's layout (text key).
 
@@ -45,6 +45,8 @@ class Candidate:
     ddl: str  # {t}: the table name
     columns: str  # "text": (stream, entry_id, ...); "ids": (stream, entry_id, ms, seq, ...)
     stream_id: bool = False  # the stream as a smallint instead of text
+    payload: str = "jsonb"  # "json": kept as sent, checked but not converted
+    entry_id: bool = True  # False: no entry_id text column (readers would compute it)
 
 
 CANDIDATES = (
@@ -84,6 +86,36 @@ CANDIDATES = (
         " PRIMARY KEY (entry_ms, entry_seq, stream));"
         " CREATE INDEX ON {t} USING brin (ingested_at)",
         "ids",
+    ),
+    Candidate(
+        "PK (ms, seq, stream C), payload json",
+        f'CREATE TABLE {{t}} (stream text COLLATE "C" NOT NULL, entry_id text NOT NULL,'
+        f" entry_ms bigint NOT NULL, entry_seq bigint NOT NULL,"
+        f" {_TAIL.replace('payload jsonb', 'payload json')},"
+        " PRIMARY KEY (entry_ms, entry_seq, stream));"
+        " CREATE INDEX ON {t} USING brin (ingested_at)",
+        "ids",
+        payload="json",
+    ),
+    Candidate(
+        "PK (ms, seq, stream C), no entry_id column",
+        f'CREATE TABLE {{t}} (stream text COLLATE "C" NOT NULL,'
+        f" entry_ms bigint NOT NULL, entry_seq bigint NOT NULL, {_TAIL},"
+        " PRIMARY KEY (entry_ms, entry_seq, stream));"
+        " CREATE INDEX ON {t} USING brin (ingested_at)",
+        "ids",
+        entry_id=False,
+    ),
+    Candidate(
+        "PK (ms, seq, stream C), json, no entry_id",
+        f'CREATE TABLE {{t}} (stream text COLLATE "C" NOT NULL,'
+        f" entry_ms bigint NOT NULL, entry_seq bigint NOT NULL,"
+        f" {_TAIL.replace('payload jsonb', 'payload json')},"
+        " PRIMARY KEY (entry_ms, entry_seq, stream));"
+        " CREATE INDEX ON {t} USING brin (ingested_at)",
+        "ids",
+        payload="json",
+        entry_id=False,
     ),
     Candidate(
         "PK (stream_id smallint, ms, seq)",
@@ -126,10 +158,16 @@ _COLUMNS = {
 }
 
 
+def columns_of(candidate: Candidate) -> list[str]:
+    return [c for c in _COLUMNS[candidate.columns] if candidate.entry_id or c != "entry_id"]
+
+
 def encode(candidate: Candidate, first: int, count: int) -> list[bytes]:
     """Binary COPY buffers of `count` rows, BATCH rows each, entry IDs from row `first` on."""
     ids = candidate.columns == "ids"
-    ncols = len(_COLUMNS[candidate.columns])
+    ncols = len(columns_of(candidate))
+    # jsonb's binary form is a version byte, then the text; json's is the text alone.
+    json_version = b"\x01" if candidate.payload == "jsonb" else b""
     stream = struct.pack(">ih", 2, 1) if candidate.stream_id else struct.pack(">i", 6) + b"events"
     header = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
     buffers = []
@@ -143,10 +181,13 @@ def encode(candidate: Candidate, first: int, count: int) -> list[bytes]:
                 i,
                 i % 997,
             )
-            row = [struct.pack(">h", ncols), stream, struct.pack(">i", len(entry_id)), entry_id]
+            row = [struct.pack(">h", ncols), stream]
+            if candidate.entry_id:
+                row += [struct.pack(">i", len(entry_id)), entry_id]
             if ids:
                 row.append(struct.pack(">iqiq", 8, ms, 8, seq))
-            row += [struct.pack(">i", len(kind)), kind, struct.pack(">iB", len(payload) + 1, 1)]
+            row += [struct.pack(">i", len(kind)), kind]
+            row += [struct.pack(">i", len(payload) + len(json_version)), json_version]
             row += [payload, struct.pack(">iq", 8, (ms - PG_EPOCH_MS) * 1000)]
             if not ids:
                 row.append(b"\xff\xff\xff\xff")  # meta: NULL
@@ -169,7 +210,7 @@ async def run_one(dsn: str, candidate: Candidate, table: str, rows: int) -> tupl
             await conn.copy_to_table(
                 table,
                 source=memoryview(buffer),
-                columns=_COLUMNS[candidate.columns],
+                columns=columns_of(candidate),
                 format="binary",
             )
         wall = time.perf_counter() - t0
