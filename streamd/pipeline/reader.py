@@ -61,6 +61,9 @@ class GroupReader:
         self.raw = RawConnection(client)
         self.clustered = is_cluster_client(client)
         self._slot_raws: dict[int, RawConnection] = {}  # in a cluster: slot -> its connection
+        # Connections of slots none of the consumed streams is in any more (keep_only): closed
+        # by the next read, once whatever still runs over them (an ack) has ended.
+        self._retired: list[RawConnection] = []
         self._node_raws: dict[str, RawConnection] = {}  # in a cluster: node name -> ours to it
         self._slots_of: tuple[tuple[str, ...], list[list[str]]] = ((), [])
         self._remap = False  # a node read saw the slot map change: refresh before grouping
@@ -118,6 +121,10 @@ class GroupReader:
             wanted = set(names)
             for name in [n for n in self._streams if n not in wanted]:
                 del self._streams[name]
+        if self.clustered:
+            slots = {slot_of(name) for name in names}
+            for slot in [s for s in self._slot_raws if s not in slots]:
+                self._retired.append(self._slot_raws.pop(slot))
 
     async def read(
         self, names: Sequence[str], count: int, block_ms: int | None, *, own_pending: bool = False
@@ -127,6 +134,8 @@ class GroupReader:
         own_pending: instead, the oldest entries already delivered to this consumer and not yet
         acknowledged (XREADGROUP ... 0).
         """
+        while self._retired:
+            await self._retired.pop().aclose_when_idle()
         if self.gone:
             names = [n for n in names if n not in self.gone]
         if not names:
@@ -322,5 +331,6 @@ class GroupReader:
         return bool(names)
 
     async def aclose(self) -> None:
-        for raw in [self.raw, *self._slot_raws.values(), *self._node_raws.values()]:
+        raws = [self.raw, *self._slot_raws.values(), *self._node_raws.values(), *self._retired]
+        for raw in raws:
             await raw.aclose()

@@ -166,10 +166,16 @@ class RawConnection:
         return replies
 
     async def aclose(self) -> None:
+        self.client_id = None  # another connection of its node may get that id later
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
             await self._source.release(self._conn)
             self._conn = None
+
+    async def aclose_when_idle(self) -> None:
+        """Close once the command in flight, if any, has its reply (aclose cuts it off)."""
+        async with self._lock:
+            await self.aclose()
 
 
 def _moved_on(reply: Any) -> bool:
