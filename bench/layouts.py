@@ -1,8 +1,9 @@
 """Which events-table layout Postgres inserts most cheaply: the same rows, binary COPY in
 streamd's batch size, into tables that differ only in their key, collation, time index,
-partitioning, the payload's type (jsonb or json) and whether the text entry_id is stored. Measured: CPU of the Postgres backend per event (psutil, the one that runs the
-COPY) and rows/s, min and median of --repeat rounds, the candidates interleaved in every round so a
-noisy machine hurts them alike. Ratios are against today's layout (text key).
+partitioning, the payload's type (jsonb or json) and whether the text entry_id is stored.
+Measured: CPU of the Postgres backend per event (psutil, the one that runs the COPY) and rows/s,
+min and median of --repeat rounds, the candidates interleaved in every round so a noisy machine
+hurts them alike. Ratios are against today's layout (text key).
 
     uv run python -m bench.layouts                 # 400,000 rows, 3 rounds
     uv run python -m bench.layouts --rows 100000 --repeat 1
