@@ -50,6 +50,22 @@ class Candidate:
     entry_id: bool = True  # False: no entry_id text column (readers would compute it)
 
 
+def _chosen_variant(name: str, payload: str, entry_id: bool) -> Candidate:
+    """The chosen key, PK (ms, seq, stream C), with another payload type or no entry_id."""
+    text_id = " entry_id text NOT NULL," if entry_id else ""
+    return Candidate(
+        f"PK (ms, seq, stream C), {name}",
+        f'CREATE TABLE {{t}} (stream text COLLATE "C" NOT NULL,{text_id}'
+        f" entry_ms bigint NOT NULL, entry_seq bigint NOT NULL,"
+        f" {_TAIL.replace('payload jsonb', f'payload {payload}')},"
+        " PRIMARY KEY (entry_ms, entry_seq, stream));"
+        " CREATE INDEX ON {t} USING brin (ingested_at)",
+        "ids",
+        payload=payload,
+        entry_id=entry_id,
+    )
+
+
 CANDIDATES = (
     Candidate(
         "today: PK (stream, entry_id) text",
@@ -88,35 +104,13 @@ CANDIDATES = (
         " CREATE INDEX ON {t} USING brin (ingested_at)",
         "ids",
     ),
-    Candidate(
-        "PK (ms, seq, stream C), payload json",
-        f'CREATE TABLE {{t}} (stream text COLLATE "C" NOT NULL, entry_id text NOT NULL,'
-        f" entry_ms bigint NOT NULL, entry_seq bigint NOT NULL,"
-        f" {_TAIL.replace('payload jsonb', 'payload json')},"
-        " PRIMARY KEY (entry_ms, entry_seq, stream));"
-        " CREATE INDEX ON {t} USING brin (ingested_at)",
-        "ids",
-        payload="json",
-    ),
-    Candidate(
-        "PK (ms, seq, stream C), no entry_id column",
-        f'CREATE TABLE {{t}} (stream text COLLATE "C" NOT NULL,'
-        f" entry_ms bigint NOT NULL, entry_seq bigint NOT NULL, {_TAIL},"
-        " PRIMARY KEY (entry_ms, entry_seq, stream));"
-        " CREATE INDEX ON {t} USING brin (ingested_at)",
-        "ids",
-        entry_id=False,
-    ),
-    Candidate(
-        "PK (ms, seq, stream C), json, no entry_id",
-        f'CREATE TABLE {{t}} (stream text COLLATE "C" NOT NULL,'
-        f" entry_ms bigint NOT NULL, entry_seq bigint NOT NULL,"
-        f" {_TAIL.replace('payload jsonb', 'payload json')},"
-        " PRIMARY KEY (entry_ms, entry_seq, stream));"
-        " CREATE INDEX ON {t} USING brin (ingested_at)",
-        "ids",
-        payload="json",
-        entry_id=False,
+    *(
+        _chosen_variant(name, payload, entry_id)
+        for name, payload, entry_id in (
+            ("payload json", "json", True),
+            ("no entry_id column", "jsonb", False),
+            ("json, no entry_id", "json", False),
+        )
     ),
     Candidate(
         "PK (stream_id smallint, ms, seq)",

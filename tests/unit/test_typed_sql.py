@@ -62,3 +62,15 @@ def test_the_check_function_lives_in_pg_temp_and_skips_non_keys_of_deletes() -> 
     assert "IF NOT d THEN BEGIN v1 :=" in create
     assert "missing: a key column needs a value" in create
     assert "FROM streamd_typed_stage_v1" in call
+
+
+def test_plain_inserts_take_the_keys_the_table_lacks_and_on_conflict_the_rest() -> None:
+    sql = upsert_sql(ORDERS, plain_inserts=True)
+    new = sql.split("new AS (")[1].split("), put AS (")[0]
+    assert 'NOT EXISTS (SELECT 1 FROM "orders" r WHERE r."order_id" = b."order_id")' in new
+    assert "ON CONFLICT" not in new
+    put = sql.split("put AS (")[1]
+    assert 'AND EXISTS (SELECT 1 FROM "orders" r' in put and "ON CONFLICT" in put
+    assert "SELECT stream, true FROM new" in sql
+    assert "count(*) FILTER (WHERE fresh) AS fresh" in sql
+    assert "new AS" not in upsert_sql(ORDERS)
